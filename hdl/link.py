@@ -1,0 +1,799 @@
+"""The bilateral link engine: framed, CRC-checked, TIKTYKTIK-style transfers.
+
+A :class:`LinkEngine` sits at one end of a byte-wide link. Messages written to its
+``payload_in`` (or, with priority, ``ctrl_in``) stream come out of the far engine's
+``payload_out`` (``ctrl_out``) stream in order and exactly once. Each message is one
+*transfer*, and every transfer goes through four one-way trips (see ``docs/link.md``):
+
+1. DATA A->B: Bob stores it *tentatively* in his receive window.
+2. REFLECT B->A: Bob echoes the sequence number and the digest (CRC-32) of what he holds.
+   Alice checks it against what she sent; now Alice knows Bob has it, intact.
+3. commit A->B: Alice's commit cursor moves past the transfer (piggybacked on any frame).
+   Bob now knows that Alice knows; he *delivers* the message and becomes responsible.
+4. deliver B->A: Bob's delivery cursor moves past it; Alice frees her copy.
+
+Up to ``window`` transfers are in flight at once (a replay buffer, as in PCIe's data link
+layer); signals are cumulative cursors carried by every frame, so they coalesce and ride on
+data. A lost DATA frame is inferred when a later one is reflected first (the wire keeps
+order) or, failing that, when the retransmission timer expires. Duplicates are recognised
+by sequence number; every phase is idempotent.
+
+Liveness: an idle link sends SIGNAL heartbeats; a link that hears no valid frame for
+``dead_cycles`` goes DOWN. Tentative (uncommitted) transfers are then aborted on both
+sides, and the HELLO exchange that brings the link back UP tells each side exactly which
+transfers the other committed, so both agree on which transfers happened.
+"""
+from __future__ import annotations
+
+from amaranth import *
+from amaranth.lib import wiring, crc, fifo
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+from amaranth.utils import exact_log2
+
+from .common import message_signature, phy_tx_signature, phy_rx_signature
+from .frame import (SYNC, FrameType, FLAG_CTRL, FLAG_PROBE, HELLO_FRESH, HELLO_PEER_SEEN,
+                    HELLO_LEN, REFLECT_LEN, LinkState)
+
+__all__ = ["LinkEngine", "LinkStatusSignature", "COUNTERS"]
+
+#: Event counters reported in ``status`` (name -> meaning); one source for docs and registers.
+COUNTERS = {
+    "frames_tx": "frames transmitted (all types)",
+    "frames_rx": "frames received with a good FCS",
+    "crc_errors": "frames dropped because their FCS did not match",
+    "framing_errors": "frames abandoned because their LEN exceeded the maximum",
+    "malformed": "frames with a good FCS but impossible fields (type, length, sequence): dropped",
+    "duplicates": "DATA frames for transfers already delivered: dropped",
+    "retransmits": "DATA frames sent again",
+    "aborts": "transfers rolled back by a link re-initialisation",
+    "link_downs": "transitions from UP to DOWN",
+    "reflect_mismatches": "REFLECTs whose digest differed from what was sent",
+    "delivered": "messages delivered on payload_out/ctrl_out",
+    "oversize": "input messages longer than max_payload: dropped whole",
+}
+
+
+class LinkStatusSignature(wiring.Signature):
+    """Status of a link engine, ready for a register bank."""
+    def __init__(self, counter_width=32):
+        members = {
+            "state": Out(2),         #: :class:`~epochlink.hdl.frame.LinkState`
+            "peer_id": Out(16),
+            "version": Out(8),       #: protocol version agreed with the peer
+            "in_flight": Out(8),     #: transfers sent and not yet freed
+        }
+        for name in COUNTERS:
+            members[name] = Out(counter_width)
+        super().__init__(members)
+
+
+def _flag_bit(flag):
+    """Index of a ``FLAG_*`` bit within the 4-bit flags field (TYPE bits 7:4)."""
+    return flag.bit_length() - 5
+
+
+def _mod(value):
+    """Sequence arithmetic is modulo 256."""
+    return value[:8]
+
+
+class _Serializer(Elaboratable):
+    """Turns a frame request into bytes on ``phy_tx`` (SYNC, header, payload, trailer, FCS)."""
+
+    def __init__(self, *, slot_bits, max_payload):
+        self.phy_tx = phy_tx_signature().create()
+        self.start = Signal()       # in: pulse while idle to send a frame
+        self.busy = Signal()        # out
+        self.type_byte = Signal(8)  # in, sampled at start
+        self.seq = Signal(8)
+        self.length = Signal(8)
+        self.slot = Signal(slot_bits)
+        self.small = Signal(7 * 8)  # in, sampled at start: REFLECT/HELLO payload bytes
+        self.ccur = Signal(8)       # in, live: sampled when the trailer is sent
+        self.dcur = Signal(8)
+        self.sent_ccur = Signal(8)  # out: last cursors put on the wire
+        self.sent_dcur = Signal(8)
+        self.done = Signal()        # out: pulse when the last FCS byte is accepted
+        self.digest = Signal(32)    # out: digest of the frame being sent, valid in `digest_we`
+        self.digest_we = Signal()
+        self.buf_addr = Signal(range((1 << slot_bits) * max_payload + 1))  # payload read port
+        self.buf_en = Signal()
+        self.buf_data = Signal(8)
+        self._slot_bits = slot_bits
+        self._max_payload = max_payload
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.crc = fcs = crc.catalog.CRC32_ETHERNET(8).create()
+
+        type_byte = Signal(8)
+        seq = Signal(8)
+        length = Signal(8)
+        slot = Signal(self._slot_bits)
+        small = Signal(7 * 8)
+        index = Signal(8)
+        byte = Signal(8)
+
+        tx = self.phy_tx
+        accepted = tx.valid & tx.ready
+        m.d.comb += [
+            tx.payload.eq(byte),
+            self.buf_addr.eq(slot * self._max_payload + index),
+            fcs.data.eq(byte),
+        ]
+
+        with m.FSM():
+            with m.State("IDLE"):
+                with m.If(self.start):
+                    m.d.sync += [type_byte.eq(self.type_byte), seq.eq(self.seq),
+                                 length.eq(self.length), slot.eq(self.slot),
+                                 small.eq(self.small)]
+                    m.next = "SYNC0"
+            with m.State("SYNC0"):
+                m.d.comb += [self.busy.eq(1), tx.valid.eq(1), byte.eq(SYNC[0])]
+                with m.If(accepted):
+                    m.next = "SYNC1"
+            with m.State("SYNC1"):
+                m.d.comb += [self.busy.eq(1), tx.valid.eq(1), byte.eq(SYNC[1])]
+                with m.If(accepted):
+                    m.next = "TYPE"
+            with m.State("TYPE"):
+                m.d.comb += [self.busy.eq(1), tx.valid.eq(1), byte.eq(type_byte),
+                             fcs.start.eq(accepted), fcs.valid.eq(accepted)]
+                with m.If(accepted):
+                    m.next = "SEQ"
+            with m.State("SEQ"):
+                m.d.comb += [self.busy.eq(1), tx.valid.eq(1), byte.eq(seq), fcs.valid.eq(accepted)]
+                with m.If(accepted):
+                    m.next = "LEN"
+            with m.State("LEN"):
+                m.d.comb += [self.busy.eq(1), tx.valid.eq(1), byte.eq(length), fcs.valid.eq(accepted)]
+                with m.If(accepted):
+                    # Prefetch the first payload byte from the buffer.
+                    m.d.comb += [self.buf_en.eq(1), self.buf_addr.eq(slot * self._max_payload)]
+                    m.d.sync += index.eq(0)
+                    with m.If(length == 0):
+                        m.next = "CCUR"
+                    with m.Else():
+                        m.next = "PAYLOAD"
+            with m.State("PAYLOAD"):
+                is_data = type_byte[:4] == FrameType.DATA
+                small_bytes = Array(small[8 * i:8 * i + 8] for i in range(7))
+                m.d.comb += [self.busy.eq(1), tx.valid.eq(1), fcs.valid.eq(accepted),
+                             byte.eq(Mux(is_data, self.buf_data, small_bytes[index[:3]]))]
+                with m.If(accepted):
+                    m.d.comb += [self.buf_en.eq(1), self.buf_addr.eq(slot * self._max_payload + index + 1)]
+                    m.d.sync += index.eq(index + 1)
+                    with m.If(index == length - 1):
+                        m.next = "CCUR"
+            with m.State("CCUR"):
+                m.d.comb += [self.busy.eq(1), tx.valid.eq(1), byte.eq(self.ccur), fcs.valid.eq(accepted)]
+                with m.If(accepted):
+                    # The CRC register now holds the digest over TYPE..PAYLOAD.
+                    m.d.comb += [self.digest.eq(fcs.crc), self.digest_we.eq(type_byte[:4] == FrameType.DATA)]
+                    m.d.sync += self.sent_ccur.eq(self.ccur)
+                    m.next = "DCUR"
+            with m.State("DCUR"):
+                m.d.comb += [self.busy.eq(1), tx.valid.eq(1), byte.eq(self.dcur), fcs.valid.eq(accepted)]
+                with m.If(accepted):
+                    m.d.sync += [self.sent_dcur.eq(self.dcur), index.eq(0)]
+                    m.next = "FCS"
+            with m.State("FCS"):
+                fcs_bytes = Array(fcs.crc[8 * i:8 * i + 8] for i in range(4))
+                m.d.comb += [self.busy.eq(1), tx.valid.eq(1), byte.eq(fcs_bytes[index[:2]])]
+                with m.If(accepted):
+                    m.d.sync += index.eq(index + 1)
+                    with m.If(index == 3):
+                        m.d.comb += self.done.eq(1)
+                        m.next = "IDLE"
+        return m
+
+
+class _Deframer(Elaboratable):
+    """Finds frames in the byte stream from ``phy_rx``, checks LEN and FCS, latches fields.
+
+    DATA payload bytes are written straight into the receive buffer, but only into a slot
+    the link engine declared writable when the SEQ byte arrived (``write_allowed``), so a
+    frame that later fails its FCS never overwrites a held transfer.
+    """
+
+    def __init__(self, *, slot_bits, max_payload):
+        self.phy_rx = phy_rx_signature().flip().create()
+        self.window_mask = (1 << slot_bits) - 1
+        self.seq_now = Signal(8)         # out: SEQ of the frame being received (for lookups)
+        self.seq_valid = Signal()        # out: pulse when SEQ was just received
+        self.write_allowed = Signal()    # in: sampled with seq_valid for DATA frames
+        self.buf_addr = Signal(range((1 << slot_bits) * max_payload + 1))
+        self.buf_data = Signal(8)
+        self.buf_we = Signal()
+        # Results, valid in the cycle of frame_ok:
+        self.frame_ok = Signal()
+        self.crc_error = Signal()
+        self.framing_error = Signal()
+        self.type = Signal(4)
+        self.flags = Signal(4)
+        self.seq = Signal(8)
+        self.length = Signal(8)
+        self.ccur = Signal(8)
+        self.dcur = Signal(8)
+        self.digest = Signal(32)
+        self.small = Signal(7 * 8)
+        self.wrote = Signal()            # the payload went into the receive buffer
+        self._slot_bits = slot_bits
+        self._max_payload = max_payload
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.crc = fcs = crc.catalog.CRC32_ETHERNET(8).create()
+        rx = self.phy_rx
+        byte = rx.payload
+        index = Signal(8)
+        check = Signal()
+        small_next = Signal(7 * 8)
+        m.d.comb += [fcs.data.eq(byte), small_next.eq(Cat(self.small[8:], byte))]
+        m.d.comb += [self.buf_data.eq(byte),
+                     self.buf_addr.eq(self.seq[:self._slot_bits] * self._max_payload + index)]
+
+        # The FCS verdict is taken the cycle after the last FCS byte, while the FSM already
+        # hunts for the next frame (the wire cannot be stalled).
+        m.d.sync += check.eq(0)
+        with m.If(check):
+            m.d.comb += [self.frame_ok.eq(fcs.match_detected), self.crc_error.eq(~fcs.match_detected)]
+
+        with m.FSM():
+            with m.State("HUNT"):
+                with m.If(rx.valid & (byte == SYNC[0])):
+                    m.next = "SYNC1"
+            with m.State("SYNC1"):
+                with m.If(rx.valid):
+                    with m.If(byte == SYNC[1]):
+                        m.next = "TYPE"
+                    with m.Elif(byte != SYNC[0]):
+                        m.next = "HUNT"
+            with m.State("TYPE"):
+                with m.If(rx.valid):
+                    m.d.comb += [fcs.start.eq(1), fcs.valid.eq(1)]
+                    m.d.sync += [self.type.eq(byte[:4]), self.flags.eq(byte[4:]), self.wrote.eq(0)]
+                    m.next = "SEQ"
+            with m.State("SEQ"):
+                with m.If(rx.valid):
+                    m.d.comb += [fcs.valid.eq(1), self.seq_now.eq(byte), self.seq_valid.eq(1)]
+                    m.d.sync += [self.seq.eq(byte),
+                                 self.wrote.eq(self.write_allowed & (self.type == FrameType.DATA))]
+                    m.next = "LEN"
+            with m.State("LEN"):
+                with m.If(rx.valid):
+                    m.d.comb += fcs.valid.eq(1)
+                    m.d.sync += [self.length.eq(byte), index.eq(0)]
+                    with m.If(byte > self._max_payload):
+                        m.d.comb += self.framing_error.eq(1)
+                        m.next = "HUNT"
+                    with m.Elif(byte == 0):
+                        m.next = "CCUR"
+                    with m.Else():
+                        m.next = "PAYLOAD"
+            with m.State("PAYLOAD"):
+                with m.If(rx.valid):
+                    m.d.comb += [fcs.valid.eq(1), self.buf_we.eq(self.wrote)]
+                    with m.If(index < 7):
+                        m.d.sync += self.small.eq(small_next)
+                    m.d.sync += index.eq(index + 1)
+                    with m.If(index == self.length - 1):
+                        m.next = "CCUR"
+            with m.State("CCUR"):
+                with m.If(rx.valid):
+                    m.d.comb += fcs.valid.eq(1)
+                    m.d.sync += [self.ccur.eq(byte), self.digest.eq(fcs.crc)]
+                    # Short payloads were shifted in from the top: align them to byte 0.
+                    with m.Switch(self.length):
+                        for n in range(1, 7):
+                            with m.Case(n):
+                                m.d.sync += self.small.eq(self.small >> (8 * (7 - n)))
+                    m.next = "DCUR"
+            with m.State("DCUR"):
+                with m.If(rx.valid):
+                    m.d.comb += fcs.valid.eq(1)
+                    m.d.sync += [self.dcur.eq(byte), index.eq(0)]
+                    m.next = "FCS"
+            with m.State("FCS"):
+                with m.If(rx.valid):
+                    m.d.comb += fcs.valid.eq(1)
+                    m.d.sync += index.eq(index + 1)
+                    with m.If(index == 3):
+                        m.d.sync += check.eq(1)
+                        m.next = "HUNT"
+        return m
+
+
+class LinkEngine(wiring.Component):
+    """One end of a bilateral, bit-error-proof link.
+
+    Parameters
+    ----------
+    window : int
+        Transfers in flight at once (power of two, 2..64): the size of the replay buffer
+        at the sender and of the receive window at the receiver.
+    max_payload : int
+        Longest message in bytes (1..255). Longer input messages are dropped whole and
+        counted in ``status.oversize``.
+    hello_cycles, idle_cycles, dead_cycles, retx_cycles : int
+        HELLO period while DOWN; heartbeat after this many idle cycles while UP; link
+        declared DOWN after this many cycles without a valid frame; retransmission timer.
+        Defaults are derived from ``max_payload``; ``dead_cycles`` must exceed the round
+        trip of the channel plus a few maximum-length frames.
+    counter_width : int
+        Width of the status counters.
+
+    Attributes
+    ----------
+    phy_tx, phy_rx : byte streams to and from the wire (``phy_rx`` cannot be stalled).
+    payload_in, ctrl_in : messages to send; ``ctrl_in`` has priority.
+    payload_out, ctrl_out : delivered messages, in order, exactly once.
+    node_id, ver_min, ver_max : this node's identity and supported protocol versions.
+    enable : while 0 the link is held DOWN and sends nothing.
+    status : :class:`LinkStatusSignature`.
+    """
+
+    def __init__(self, *, window=8, max_payload=64, hello_cycles=None, idle_cycles=None,
+                 dead_cycles=None, retx_cycles=None, counter_width=32):
+        if window < 2 or window > 64 or window & (window - 1):
+            raise ValueError(f"window must be a power of two in 2..64, not {window}")
+        if not 1 <= max_payload <= 255:
+            raise ValueError(f"max_payload must be in 1..255, not {max_payload}")
+        frame_cycles = max_payload + 16
+        self.window = window
+        self.max_payload = max_payload
+        self.hello_cycles = hello_cycles or 4 * frame_cycles
+        self.idle_cycles = idle_cycles or 2 * frame_cycles
+        self.dead_cycles = dead_cycles or 16 * frame_cycles + 256
+        self.retx_cycles = retx_cycles or 4 * frame_cycles + 64
+        if self.dead_cycles <= 2 * max(self.idle_cycles, self.hello_cycles):
+            raise ValueError("dead_cycles must exceed twice the heartbeat and HELLO periods")
+        self.counter_width = counter_width
+        super().__init__({
+            "phy_tx": Out(phy_tx_signature()),
+            "phy_rx": In(phy_rx_signature()),
+            "payload_in": In(message_signature()),
+            "ctrl_in": In(message_signature()),
+            "payload_out": Out(message_signature()),
+            "ctrl_out": Out(message_signature()),
+            "node_id": In(16),
+            "ver_min": In(8, init=1),
+            "ver_max": In(8, init=1),
+            "enable": In(1, init=1),
+            "status": Out(LinkStatusSignature(counter_width)),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        W = self.window
+        slot_bits = exact_log2(W)
+        MAXP = self.max_payload
+
+        m.submodules.ser = ser = _Serializer(slot_bits=slot_bits, max_payload=MAXP)
+        m.submodules.dfr = dfr = _Deframer(slot_bits=slot_bits, max_payload=MAXP)
+        m.d.comb += [
+            self.phy_tx.valid.eq(ser.phy_tx.valid & self.enable),
+            self.phy_tx.payload.eq(ser.phy_tx.payload),
+            ser.phy_tx.ready.eq(self.phy_tx.ready | ~self.enable),
+            dfr.phy_rx.valid.eq(self.phy_rx.valid & self.enable),
+            dfr.phy_rx.payload.eq(self.phy_rx.payload),
+        ]
+
+        def slot_of(seq):
+            return seq[:slot_bits]
+
+        # ---- buffers -------------------------------------------------------------------
+        m.submodules.tx_buf = tx_buf = Memory(shape=8, depth=W * MAXP, init=[])
+        m.submodules.rx_buf = rx_buf = Memory(shape=8, depth=W * MAXP, init=[])
+        m.submodules.tx_digests = tx_digests = Memory(shape=32, depth=W, init=[])
+        m.submodules.rx_digests = rx_digests = Memory(shape=32, depth=W, init=[])
+        txb_w, txb_r = tx_buf.write_port(), tx_buf.read_port()
+        rxb_w, rxb_r = rx_buf.write_port(), rx_buf.read_port()
+        txd_w, txd_r = tx_digests.write_port(), tx_digests.read_port()
+        rxd_w, rxd_r = rx_digests.write_port(), rx_digests.read_port()
+
+        # ---- link state ----------------------------------------------------------------
+        up = Signal()               # transfers flow
+        seen = Signal()             # while DOWN: reconciled with a HELLO from the peer
+        fresh = Signal(init=1)      # out of reset, no transfer state yet
+        incompatible = Signal()
+        peer_id = Signal(16)
+        version = Signal(8)
+
+        # sender side
+        tx_free = Signal(8)         # oldest transfer not yet freed
+        tx_commit = Signal(8)       # commit cursor: all before it reflected intact
+        tx_next = Signal(8)         # next sequence number to assign
+        need_send = Signal(W)
+        reflected = Signal(W)
+        sent = Signal(W)
+        tx_len = Array(Signal(8, name=f"tx_len{i}") for i in range(W))
+        tx_ctrl = Signal(W)
+        tx_order = Array(Signal(8, name=f"tx_order{i}") for i in range(W))
+        send_count = Signal(8)
+
+        # receiver side
+        rx_next = Signal(8)         # delivery cursor: next transfer to deliver
+        rx_commit = Signal(8)       # the peer's commit cursor as last heard
+        rx_valid = Signal(W)
+        rx_len = Array(Signal(8, name=f"rx_len{i}") for i in range(W))
+        rx_ctrl = Signal(W)
+
+        # Per-slot flag vectors are changed by several processes in the same cycle: each
+        # contributes a set or clear mask (inside its own condition) and they are OR-ed.
+        masks = {name: [] for name in ("need_set", "need_clr", "refl_set", "refl_clr",
+                                       "sent_set", "sent_clr", "rxv_set", "rxv_clr")}
+
+        def drive(name, value=None, *, bit=None):
+            part = Signal(W, name=f"{name}{len(masks[name])}")
+            if bit is None:
+                m.d.comb += part.eq(value)
+            else:
+                m.d.comb += part.bit_select(bit, 1).eq(1)
+            masks[name].append(part)
+
+        def offsets(base):
+            """Per slot: its sequence distance from `base` (mod W), as a list of Values."""
+            return [(Const(i, slot_bits) - base[:slot_bits])[:slot_bits] for i in range(W)]
+
+        def range_mask(base, count):
+            """Slots holding sequence numbers base .. base+count-1 (count <= W)."""
+            offs = offsets(base)
+            return Cat(*[offs[i] < count for i in range(W)])
+
+        tx_in_flight = _mod(tx_next - tx_free)
+        tx_uncommitted = _mod(tx_next - tx_commit)
+        uncommitted_mask = range_mask(tx_commit, tx_uncommitted)
+        rx_committed_mask = range_mask(rx_next, _mod(rx_commit - rx_next))
+
+        # ---- counters ------------------------------------------------------------------
+        cw = self.counter_width
+        counters = {name: Signal(cw, name=f"count_{name}") for name in COUNTERS}
+        incr = {name: Signal(name=f"inc_{name}") for name in COUNTERS}
+        for name in COUNTERS:
+            with m.If(incr[name]):
+                m.d.sync += counters[name].eq(counters[name] + 1)
+            m.d.comb += getattr(self.status, name).eq(counters[name])
+        aborted = Signal(8)   # added to `aborts` (several at once)
+        with m.If(aborted != 0):
+            m.d.sync += counters["aborts"].eq(counters["aborts"] + aborted)
+        m.d.comb += [
+            self.status.state.eq(Mux(incompatible, LinkState.INCOMPATIBLE,
+                                     Mux(up, LinkState.UP, Mux(seen, LinkState.INIT, LinkState.DOWN)))),
+            self.status.peer_id.eq(peer_id),
+            self.status.version.eq(version),
+            self.status.in_flight.eq(tx_in_flight),
+        ]
+
+        # ---- ingest: input messages into free replay-buffer slots ------------------------
+        src_ctrl = Signal()
+        in_index = Signal(8)
+        in_slot = slot_of(tx_next)
+        m.d.comb += [txb_w.addr.eq(in_slot * MAXP + in_index)]
+        with m.FSM(name="ingest"):
+            with m.State("IDLE"):
+                with m.If(~fresh & (tx_in_flight < W)):
+                    m.d.sync += in_index.eq(0)
+                    with m.If(self.ctrl_in.valid):
+                        m.d.sync += src_ctrl.eq(1)
+                        m.next = "COPY"
+                    with m.Elif(self.payload_in.valid):
+                        m.d.sync += src_ctrl.eq(0)
+                        m.next = "COPY"
+            with m.State("COPY"):
+                src = Signal.like(self.ctrl_in.payload)
+                valid = Mux(src_ctrl, self.ctrl_in.valid, self.payload_in.valid)
+                m.d.comb += [src.eq(Mux(src_ctrl, self.ctrl_in.payload, self.payload_in.payload)),
+                             self.ctrl_in.ready.eq(src_ctrl), self.payload_in.ready.eq(~src_ctrl),
+                             txb_w.data.eq(src.data)]
+                with m.If(valid):
+                    m.d.comb += txb_w.en.eq(1)
+                    m.d.sync += in_index.eq(in_index + 1)
+                    with m.If(src.last):
+                        m.d.sync += [tx_len[in_slot].eq(in_index + 1),
+                                     tx_ctrl.bit_select(in_slot, 1).eq(src_ctrl),
+                                     tx_next.eq(tx_next + 1)]
+                        drive("need_set", bit=in_slot)
+                        drive("refl_clr", bit=in_slot)
+                        drive("sent_clr", bit=in_slot)
+                        m.next = "IDLE"
+                    with m.Elif(in_index == MAXP - 1):
+                        m.d.comb += incr["oversize"].eq(1)
+                        m.next = "DRAIN"
+            with m.State("DRAIN"):
+                valid = Mux(src_ctrl, self.ctrl_in.valid, self.payload_in.valid)
+                last = Mux(src_ctrl, self.ctrl_in.payload.last, self.payload_in.payload.last)
+                m.d.comb += [self.ctrl_in.ready.eq(src_ctrl), self.payload_in.ready.eq(~src_ctrl)]
+                with m.If(valid & last):
+                    m.next = "IDLE"
+
+        # ---- delivery: committed transfers out of the receive buffer, in order ------------
+        out_index = Signal(8)
+        dl_slot = slot_of(rx_next)
+        dl_ctrl = rx_ctrl.bit_select(dl_slot, 1)
+        delivered = Signal()
+        m.d.comb += [rxb_r.addr.eq(dl_slot * MAXP + out_index), rxb_r.en.eq(0)]
+        with m.FSM(name="deliver"):
+            with m.State("IDLE"):
+                with m.If((rx_next != rx_commit) & rx_valid.bit_select(dl_slot, 1)):
+                    m.d.comb += [rxb_r.en.eq(1), rxb_r.addr.eq(dl_slot * MAXP)]
+                    m.d.sync += out_index.eq(1)
+                    m.next = "STREAM"
+            with m.State("STREAM"):
+                last = out_index == rx_len[dl_slot]
+                for port, is_ctrl in ((self.ctrl_out, 1), (self.payload_out, 0)):
+                    m.d.comb += [port.valid.eq(dl_ctrl == is_ctrl),
+                                 port.payload.data.eq(rxb_r.data), port.payload.last.eq(last)]
+                ready = Mux(dl_ctrl, self.ctrl_out.ready, self.payload_out.ready)
+                with m.If(ready):
+                    m.d.comb += rxb_r.en.eq(1)
+                    m.d.sync += out_index.eq(out_index + 1)
+                    with m.If(last):
+                        m.d.comb += [delivered.eq(1), incr["delivered"].eq(1)]
+                        drive("rxv_clr", bit=dl_slot)
+                        m.d.sync += rx_next.eq(rx_next + 1)
+                        m.next = "IDLE"
+
+        # ---- timers ----------------------------------------------------------------------
+        def timer(limit):
+            t = Signal(range(limit + 1))
+            return t
+        idle_timer = timer(max(self.idle_cycles, self.hello_cycles))
+        dead_timer = timer(self.dead_cycles)
+        retx_timer = timer(self.retx_cycles)
+        hello_due = Signal()
+        probe_due = Signal()
+        probe_reply_due = Signal()
+        heard = Signal()        # a frame was accepted this cycle
+        progress = Signal()     # the sender made progress this cycle
+
+        # ---- reflect queue -----------------------------------------------------------------
+        flush = Signal()
+        m.submodules.reflect_q = reflect_q = ResetInserter(flush)(fifo.SyncFIFOBuffered(width=8 + 32, depth=4))
+
+        # ---- transmit scheduling -----------------------------------------------------------
+        rot_need = Signal(W)   # need_send, rotated so bit 0 is the oldest in-flight slot
+        m.d.comb += rot_need.eq(Cat(need_send, need_send).bit_select(tx_free[:slot_bits], W))
+        first_need = Signal(slot_bits)
+        for i in reversed(range(W)):
+            with m.If(rot_need[i]):
+                m.d.comb += first_need.eq(i)
+        data_slot = Signal(slot_bits)
+        m.d.comb += data_slot.eq(tx_free[:slot_bits] + first_need)
+        data_seq = Signal(8)
+        m.d.comb += data_seq.eq(tx_free + first_need)
+
+        cursors_dirty = (ser.sent_ccur != tx_commit) | (ser.sent_dcur != rx_next)
+        heartbeat_due = idle_timer >= self.idle_cycles
+        hello_fields = Signal(7 * 8)
+        m.d.comb += hello_fields.eq(Cat(self.node_id, self.ver_min, self.ver_max,
+                                        Cat(fresh, seen, Const(0, 6)), tx_free, rx_commit))
+        m.d.comb += [ser.ccur.eq(tx_commit), ser.dcur.eq(rx_next),
+                     ser.buf_data.eq(txb_r.data), txb_r.addr.eq(ser.buf_addr), txb_r.en.eq(ser.buf_en)]
+
+        sending_data = Signal()
+        with m.If(~ser.busy & self.enable):
+            with m.If(hello_due & ~up):
+                m.d.comb += [ser.start.eq(1), ser.type_byte.eq(FrameType.HELLO),
+                             ser.length.eq(HELLO_LEN), ser.small.eq(hello_fields)]
+                m.d.sync += hello_due.eq(0)
+            with m.Elif(up & reflect_q.r_rdy):
+                m.d.comb += [ser.start.eq(1), ser.type_byte.eq(FrameType.REFLECT),
+                             ser.seq.eq(reflect_q.r_data[:8]), ser.length.eq(REFLECT_LEN),
+                             ser.small.eq(reflect_q.r_data[8:]), reflect_q.r_en.eq(1)]
+            with m.Elif(up & (need_send != 0)):
+                m.d.comb += [ser.start.eq(1), sending_data.eq(1),
+                             ser.type_byte.eq(FrameType.DATA | Mux(tx_ctrl.bit_select(data_slot, 1), FLAG_CTRL, 0)),
+                             ser.seq.eq(data_seq), ser.slot.eq(data_slot), ser.length.eq(tx_len[data_slot]),
+                             incr["retransmits"].eq(sent.bit_select(data_slot, 1))]
+                drive("need_clr", bit=data_slot)
+                drive("sent_set", bit=data_slot)
+                m.d.sync += [tx_order[data_slot].eq(send_count), send_count.eq(send_count + 1)]
+            with m.Elif(up & (cursors_dirty | probe_due | probe_reply_due | heartbeat_due)):
+                m.d.comb += [ser.start.eq(1), ser.type_byte.eq(FrameType.SIGNAL | Mux(probe_due, FLAG_PROBE, 0)),
+                             ser.length.eq(0)]
+                m.d.sync += [probe_due.eq(0), probe_reply_due.eq(0)]
+        with m.If(ser.start):
+            m.d.comb += incr["frames_tx"].eq(1)
+        # the digest of each DATA frame as sent, for checking its REFLECT
+        digest_slot = Signal(slot_bits)
+        with m.If(ser.start):
+            m.d.sync += digest_slot.eq(ser.slot)
+        m.d.comb += [txd_w.addr.eq(digest_slot), txd_w.data.eq(ser.digest), txd_w.en.eq(ser.digest_we)]
+
+        with m.If(ser.start | ~self.enable):
+            m.d.sync += idle_timer.eq(0)
+        with m.Elif(idle_timer < max(self.idle_cycles, self.hello_cycles)):
+            m.d.sync += idle_timer.eq(idle_timer + 1)
+        with m.If(~up & self.enable & (idle_timer >= self.hello_cycles)):
+            m.d.sync += hello_due.eq(1)
+
+        # ---- receive processing ------------------------------------------------------------
+        rx_window_off = _mod(dfr.seq_now - rx_next)
+        m.d.comb += dfr.write_allowed.eq((rx_window_off < W) & ~rx_valid.bit_select(slot_of(dfr.seq_now), 1))
+        m.d.comb += [rxb_w.addr.eq(dfr.buf_addr), rxb_w.data.eq(dfr.buf_data), rxb_w.en.eq(dfr.buf_we)]
+        # digest lookups by SEQ, ready long before the frame ends
+        m.d.comb += [txd_r.addr.eq(slot_of(dfr.seq_now)), txd_r.en.eq(dfr.seq_valid),
+                     rxd_r.addr.eq(slot_of(dfr.seq_now)), rxd_r.en.eq(dfr.seq_valid)]
+
+        f_type, f_seq, f_len = dfr.type, dfr.seq, dfr.length
+        f_slot = slot_of(f_seq)
+        len_ok = Mux(f_type == FrameType.DATA, f_len != 0,
+                 Mux(f_type == FrameType.REFLECT, f_len == REFLECT_LEN,
+                 Mux(f_type == FrameType.SIGNAL, f_len == 0,
+                 Mux(f_type == FrameType.HELLO, f_len == HELLO_LEN, 0))))
+        data_off = _mod(f_seq - rx_next)
+        data_in_window = data_off < W
+        data_behind = _mod(rx_next - f_seq) <= W
+        refl_off = _mod(f_seq - tx_commit)
+        refl_live = refl_off < tx_uncommitted
+        refl_behind = _mod(tx_commit - f_seq) <= W
+        seq_ok = Mux(f_type == FrameType.DATA, data_in_window | data_behind,
+                 Mux(f_type == FrameType.REFLECT, refl_live | refl_behind, 1))
+        well_formed = len_ok & seq_ok
+
+        m.d.comb += incr["crc_errors"].eq(dfr.crc_error), incr["framing_errors"].eq(dfr.framing_error)
+        with m.If(dfr.frame_ok):
+            m.d.comb += incr["frames_rx"].eq(1)
+            with m.If(~well_formed):
+                m.d.comb += incr["malformed"].eq(1)
+
+        # Going down: abort tentative (uncommitted) transfers held for the peer.
+        go_down = Signal()
+        reconcile = Signal()
+        go_up = Signal()
+        with m.If(go_down):
+            m.d.sync += [up.eq(0), seen.eq(0)]
+            m.d.comb += flush.eq(1)
+            drive("rxv_clr", ~rx_committed_mask)
+            with m.If(up):
+                m.d.comb += incr["link_downs"].eq(1)
+        with m.If(go_up):
+            m.d.sync += [up.eq(1), fresh.eq(0)]
+
+        h = dfr.small
+        p_node, p_vmin, p_vmax, p_flags = h[0:16], h[16:24], h[24:32], h[32:40]
+        p_tx_base, p_rx_commit = h[40:48], h[48:56]
+        p_fresh, p_seen = p_flags[0], p_flags[1]
+        agreed = Mux(p_vmax < self.ver_max, p_vmax, self.ver_max)
+        lowest = Mux(p_vmin > self.ver_min, p_vmin, self.ver_min)
+        compatible = agreed >= lowest
+
+        accept = Signal()   # a non-HELLO frame that the link state admits
+        with m.If(dfr.frame_ok & well_formed & self.enable):
+            with m.If(f_type == FrameType.HELLO):
+                m.d.comb += heard.eq(1)
+                m.d.sync += peer_id.eq(p_node)
+                with m.If(~compatible):
+                    m.d.sync += incompatible.eq(1)
+                    m.d.comb += go_down.eq(1)
+                with m.Else():
+                    m.d.sync += [incompatible.eq(0), version.eq(agreed)]
+                    with m.If(up):
+                        with m.If(~p_seen):
+                            # The peer went down or restarted: so do we, then answer it.
+                            m.d.comb += [go_down.eq(1), reconcile.eq(1)]
+                            m.d.sync += [seen.eq(1), hello_due.eq(1)]
+                        with m.Else():
+                            m.d.sync += probe_reply_due.eq(1)   # show the peer we are up
+                    with m.Else():
+                        m.d.comb += reconcile.eq(1)
+                        m.d.sync += seen.eq(1)
+                        with m.If(p_seen):
+                            m.d.comb += go_up.eq(1)
+                            m.d.sync += probe_reply_due.eq(1)
+                        with m.Else():
+                            m.d.sync += hello_due.eq(1)
+            with m.Elif(up | (seen & ~incompatible)):
+                m.d.comb += [accept.eq(1), heard.eq(1)]
+                with m.If(~up):
+                    m.d.comb += go_up.eq(1)
+
+        # Reconcile with the peer's HELLO: agree on which transfers happened.
+        with m.If(reconcile):
+            with m.If(fresh):
+                m.d.sync += [rx_next.eq(p_tx_base), rx_commit.eq(p_tx_base),
+                             tx_free.eq(p_rx_commit), tx_commit.eq(p_rx_commit), tx_next.eq(p_rx_commit)]
+                drive("rxv_clr", ~0)
+            with m.Else():
+                peer_ok = ~p_fresh & (_mod(p_rx_commit - tx_free) <= tx_in_flight)
+                new_commit = Mux(peer_ok, p_rx_commit, tx_free)
+                freed = range_mask(tx_free, _mod(new_commit - tx_free))
+                redo = range_mask(new_commit, _mod(tx_next - new_commit))
+                m.d.sync += [tx_free.eq(new_commit), tx_commit.eq(new_commit)]
+                drive("need_clr", freed)
+                drive("refl_clr", freed | redo)
+                drive("need_set", redo)
+                # Tentative transfers from the peer are aborted; what it committed is
+                # still delivered here (also when the peer has restarted since).
+                drive("rxv_clr", ~rx_committed_mask)
+                with m.If(~seen):
+                    m.d.comb += aborted.eq(_mod(tx_next - new_commit))
+
+        # Cursors from an accepted frame.
+        with m.If(accept):
+            # The peer's commit cursor for what we receive: it only moves forward.
+            ccur_off = _mod(dfr.ccur - rx_next)
+            ccur_held = (range_mask(rx_next, ccur_off) & ~rx_valid) == 0
+            with m.If((ccur_off <= W) & (ccur_off >= _mod(rx_commit - rx_next)) & ccur_held):
+                m.d.sync += rx_commit.eq(dfr.ccur)
+            # The peer's delivery cursor for what we send: free our copies.
+            dcur_off = _mod(dfr.dcur - tx_free)
+            with m.If((dcur_off != 0) & (dcur_off <= _mod(tx_commit - tx_free))):
+                freed = range_mask(tx_free, dcur_off)
+                m.d.sync += tx_free.eq(dfr.dcur)
+                m.d.comb += progress.eq(1)
+                drive("refl_clr", freed)
+                drive("need_clr", freed)
+
+            with m.Switch(f_type):
+                with m.Case(FrameType.DATA):
+                    with m.If(data_in_window):
+                        with m.If(dfr.wrote):
+                            m.d.sync += [rx_len[f_slot].eq(f_len)]
+                            m.d.sync += rx_ctrl.bit_select(f_slot, 1).eq(dfr.flags[_flag_bit(FLAG_CTRL)])
+                            drive("rxv_set", bit=f_slot)
+                            m.d.comb += [rxd_w.addr.eq(f_slot), rxd_w.data.eq(dfr.digest), rxd_w.en.eq(1),
+                                         reflect_q.w_data.eq(Cat(f_seq, dfr.digest)),
+                                         reflect_q.w_en.eq(1)]
+                        with m.Elif(rx_valid.bit_select(f_slot, 1)):
+                            # Held already: reflect what we hold, not what just arrived.
+                            m.d.comb += [reflect_q.w_data.eq(Cat(f_seq, rxd_r.data)), reflect_q.w_en.eq(1)]
+                    with m.Else():
+                        m.d.comb += incr["duplicates"].eq(1)
+                with m.Case(FrameType.REFLECT):
+                    with m.If(refl_live & ~reflected.bit_select(f_slot, 1) & sent.bit_select(f_slot, 1)):
+                        with m.If(dfr.small[:32] == txd_r.data):
+                            m.d.comb += progress.eq(1)
+                            drive("refl_set", bit=f_slot)
+                            # The wire keeps order: anything sent before this transfer and
+                            # still unreflected was lost. Send it again now.
+                            order = tx_order[f_slot]
+                            lost = Cat(*[sent[i] & ~reflected[i] & ~need_send[i] & uncommitted_mask[i] &
+                                         (_mod(order - tx_order[i] - 1) < 127) for i in range(W)])
+                            drive("need_set", lost)
+                        with m.Else():
+                            m.d.comb += [incr["reflect_mismatches"].eq(1), go_down.eq(1)]
+                with m.Case(FrameType.SIGNAL):
+                    with m.If(dfr.flags[_flag_bit(FLAG_PROBE)]):
+                        m.d.sync += probe_reply_due.eq(1)
+
+        # Commit: advance over contiguous reflected transfers, one per cycle.
+        with m.If(~reconcile & (tx_commit != tx_next) & reflected.bit_select(slot_of(tx_commit), 1)):
+            m.d.sync += tx_commit.eq(tx_commit + 1)
+
+        # ---- liveness and retransmission ---------------------------------------------------
+        with m.If(heard | ~up):
+            m.d.sync += dead_timer.eq(0)
+        with m.Else():
+            m.d.sync += dead_timer.eq(dead_timer + 1)
+            with m.If(dead_timer >= self.dead_cycles - 1):
+                m.d.comb += go_down.eq(1)
+        with m.If(~self.enable & up):
+            m.d.comb += go_down.eq(1)
+
+        waiting = (sent & ~reflected & ~need_send & uncommitted_mask) != 0
+        outstanding = waiting | (tx_free != tx_commit)
+        with m.If(progress | ~outstanding | ~up):
+            m.d.sync += retx_timer.eq(0)
+        with m.Elif(retx_timer >= self.retx_cycles - 1):
+            m.d.sync += retx_timer.eq(0)
+            drive("need_set", sent & ~reflected & uncommitted_mask)
+            with m.If(tx_free != tx_commit):
+                m.d.sync += probe_due.eq(1)
+        with m.Else():
+            m.d.sync += retx_timer.eq(retx_timer + 1)
+
+        with m.If(go_down):
+            m.d.sync += [probe_due.eq(0), probe_reply_due.eq(0)]
+
+        def combined(name):
+            value = Const(0, W)
+            for part in masks[name]:
+                value = value | part
+            return value
+        for vector, prefix in ((need_send, "need"), (reflected, "refl"), (sent, "sent"), (rx_valid, "rxv")):
+            m.d.sync += vector.eq((vector & ~combined(f"{prefix}_clr")) | combined(f"{prefix}_set"))
+        return m
