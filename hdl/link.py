@@ -62,6 +62,12 @@ class LinkStatusSignature(wiring.Signature):
             "peer_id": Out(16),
             "version": Out(8),       #: protocol version agreed with the peer
             "in_flight": Out(8),     #: transfers sent and not yet freed
+            # Sequence cursors (mod 256), for diagnostics and the contract scoreboard:
+            "tx_free": Out(8),       #: oldest transfer this side still holds
+            "tx_commit": Out(8),     #: transfers before it were reflected intact
+            "tx_next": Out(8),       #: sequence number the next input message gets
+            "rx_next": Out(8),       #: next transfer to deliver
+            "rx_commit": Out(8),     #: transfers before it are committed by the peer
         }
         for name in COUNTERS:
             members[name] = Out(counter_width)
@@ -465,6 +471,9 @@ class LinkEngine(wiring.Component):
             self.status.peer_id.eq(peer_id),
             self.status.version.eq(version),
             self.status.in_flight.eq(tx_in_flight),
+            self.status.tx_free.eq(tx_free), self.status.tx_commit.eq(tx_commit),
+            self.status.tx_next.eq(tx_next), self.status.rx_next.eq(rx_next),
+            self.status.rx_commit.eq(rx_commit),
         ]
 
         # ---- ingest: input messages into free replay-buffer slots ------------------------

@@ -1,0 +1,381 @@
+"""Unit tests of one LinkEngine in Amaranth's simulator, against a scripted Python peer.
+
+The peer speaks the frame format from :mod:`epochlink.hdl.frame` (the software reference
+for CRC-32 and the digest), so every frame the engine sends is decoded and checked, and
+every state-machine transition is driven by frames the test writes byte by byte.
+"""
+import pytest
+from amaranth.sim import Simulator
+
+from epochlink.hdl.frame import (Frame, FrameType, Hello, LinkState, FLAG_CTRL, FLAG_PROBE,
+                                 HELLO_FRESH, HELLO_PEER_SEEN, SYNC, encode, decode, crc32)
+from epochlink.hdl.link import LinkEngine
+
+WINDOW, MAXP = 4, 16
+TIMING = dict(hello_cycles=60, idle_cycles=50, dead_cycles=400, retx_cycles=150)
+
+
+class Peer:
+    """Scripted far end: writes frames into the engine's phy_rx, decodes its phy_tx."""
+
+    def __init__(self, dut, ctx):
+        self.dut, self.ctx = dut, ctx
+        self.rx_bytes = bytearray()
+        self.frames = []
+
+    async def tick(self, n=1):
+        for _ in range(n):
+            if self.ctx.get(self.dut.phy_tx.valid):
+                self.rx_bytes.append(self.ctx.get(self.dut.phy_tx.payload))
+                self._parse()
+            await self.ctx.tick()
+
+    def _parse(self):
+        buf = self.rx_bytes
+        while len(buf) >= 5:
+            if tuple(buf[:2]) != SYNC:
+                raise AssertionError(f"engine sent bytes outside a frame: {bytes(buf[:8]).hex()}")
+            total = 5 + buf[4] + 6
+            if len(buf) < total:
+                return
+            self.frames.append(decode(bytes(buf[:total])))   # raises on a bad FCS
+            del buf[:total]
+
+    async def send(self, wire: bytes, gap=0):
+        for byte in wire:
+            self.ctx.set(self.dut.phy_rx.valid, 1)
+            self.ctx.set(self.dut.phy_rx.payload, byte)
+            await self.tick()
+            for _ in range(gap):
+                self.ctx.set(self.dut.phy_rx.valid, 0)
+                await self.tick()
+        self.ctx.set(self.dut.phy_rx.valid, 0)
+
+    async def send_frame(self, frame: Frame):
+        await self.send(encode(frame))
+
+    async def wait_for(self, predicate, timeout=2000):
+        for _ in range(timeout):
+            for i, frame in enumerate(self.frames):
+                if predicate(frame):
+                    del self.frames[:i + 1]
+                    return frame
+            await self.tick()
+        raise AssertionError(f"timed out; frames seen: {self.frames}")
+
+    def state(self):
+        return LinkState(self.ctx.get(self.dut.status.state))
+
+    def counter(self, name):
+        return self.ctx.get(getattr(self.dut.status, name))
+
+    async def bring_up(self, node_id=0x77, tx_base=0, rx_commit=0, fresh=True):
+        """Complete the HELLO exchange as a (by default freshly reset) peer."""
+        flags = HELLO_FRESH if fresh else 0
+        hello = await self.wait_for(lambda f: f.type == FrameType.HELLO)
+        await self.send_frame(Frame(FrameType.HELLO, payload=Hello(node_id, 1, 1, flags, tx_base, rx_commit).encode()))
+        await self.wait_for(lambda f: f.type == FrameType.HELLO and Hello.decode(f.payload).flags & HELLO_PEER_SEEN)
+        await self.send_frame(Frame(FrameType.HELLO, payload=Hello(node_id, 1, 1, flags | HELLO_PEER_SEEN, tx_base, rx_commit).encode()))
+        await self.tick(5)
+        assert self.state() == LinkState.UP
+        return Hello.decode(hello.payload)
+
+
+def run(testbench, **engine_args):
+    dut = LinkEngine(window=WINDOW, max_payload=MAXP, **{**TIMING, **engine_args})
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    result = {}
+
+    async def bench(ctx):
+        ctx.set(dut.node_id, 0x1234)
+        ctx.set(dut.payload_out.ready, 1)
+        ctx.set(dut.ctrl_out.ready, 1)
+        ctx.set(dut.phy_tx.ready, 1)
+        result["value"] = await testbench(dut, ctx, Peer(dut, ctx))
+    sim.add_testbench(bench)
+    sim.run()
+    return result.get("value")
+
+
+async def push_message(peer, port, data: bytes):
+    """Offer one message on an input stream, ticking through the peer (which samples phy_tx)."""
+    ctx = peer.ctx
+    for i, byte in enumerate(data):
+        ctx.set(port.valid, 1)
+        ctx.set(port.payload, {"data": byte, "last": i == len(data) - 1})
+        while True:
+            ready = ctx.get(port.ready)
+            await peer.tick()
+            if ready:
+                break
+    ctx.set(port.valid, 0)
+
+
+class Collector:
+    """Collects messages from an output stream while the peer ticks."""
+    def __init__(self, ctx, port):
+        self.ctx, self.port, self.messages, self.current = ctx, port, [], bytearray()
+
+    def sample(self):
+        if self.ctx.get(self.port.valid) and self.ctx.get(self.port.ready):
+            p = self.ctx.get(self.port.payload)
+            self.current.append(p.data)
+            if p.last:
+                self.messages.append(bytes(self.current))
+                self.current = bytearray()
+
+
+def test_hello_exchange_and_state_transitions():
+    async def bench(dut, ctx, peer):
+        assert peer.state() == LinkState.DOWN
+        hello = await peer.bring_up(node_id=0x77)
+        assert hello.node_id == 0x1234 and hello.flags & HELLO_FRESH
+        assert ctx.get(dut.status.peer_id) == 0x77
+        assert ctx.get(dut.status.version) == 1
+        # UP: an idle engine sends heartbeats.
+        await peer.wait_for(lambda f: f.type == FrameType.SIGNAL, timeout=200)
+        # Silence: the engine declares the link DOWN after dead_cycles and sends HELLOs
+        # that are no longer FRESH.
+        await peer.tick(TIMING["dead_cycles"] + 10)
+        assert peer.state() == LinkState.DOWN
+        assert peer.counter("link_downs") == 1
+        hello = await peer.wait_for(lambda f: f.type == FrameType.HELLO)
+        assert not Hello.decode(hello.payload).flags & HELLO_FRESH
+        # A HELLO from the peer moves it to INIT, a confirmed one back to UP.
+        await peer.send_frame(Frame(FrameType.HELLO, payload=Hello(0x77, 1, 1, 0, 0, 0).encode()))
+        await peer.tick(3)
+        assert peer.state() == LinkState.INIT
+        await peer.send_frame(Frame(FrameType.HELLO, payload=Hello(0x77, 1, 1, HELLO_PEER_SEEN, 0, 0).encode()))
+        await peer.tick(3)
+        assert peer.state() == LinkState.UP
+        # UP, and the peer says it has not seen us (it restarted): back to INIT at once.
+        await peer.send_frame(Frame(FrameType.HELLO, payload=Hello(0x77, 1, 1, HELLO_FRESH, 0, 0).encode()))
+        await peer.tick(3)
+        assert peer.state() == LinkState.INIT
+        assert peer.counter("link_downs") == 2
+    run(bench)
+
+
+def test_incompatible_versions_keep_link_down():
+    async def bench(dut, ctx, peer):
+        ctx.set(dut.ver_min, 2)
+        ctx.set(dut.ver_max, 3)
+        await peer.wait_for(lambda f: f.type == FrameType.HELLO)
+        await peer.send_frame(Frame(FrameType.HELLO, payload=Hello(9, 4, 5, HELLO_PEER_SEEN, 0, 0).encode()))
+        await peer.tick(5)
+        assert peer.state() == LinkState.INCOMPATIBLE
+        await peer.tick(300)
+        assert peer.state() == LinkState.INCOMPATIBLE
+        # Overlapping ranges agree on the highest common version.
+        await peer.send_frame(Frame(FrameType.HELLO, payload=Hello(9, 1, 2, 0, 0, 0).encode()))
+        await peer.tick(5)
+        assert peer.state() == LinkState.INIT and ctx.get(dut.status.version) == 2
+    run(bench)
+
+
+def test_transfer_phases_as_receiver():
+    """DATA -> REFLECT(digest) -> commit cursor -> delivery -> delivery cursor."""
+    async def bench(dut, ctx, peer):
+        out = Collector(ctx, dut.payload_out)
+        orig_tick = peer.tick
+
+        async def tick(n=1):
+            for _ in range(n):
+                out.sample()
+                await orig_tick()
+        peer.tick = tick
+        await peer.bring_up()
+        data = Frame(FrameType.DATA, seq=0, payload=b"hello", ccur=0, dcur=0)
+        await peer.send_frame(data)
+        reflect = await peer.wait_for(lambda f: f.type == FrameType.REFLECT)
+        assert reflect.seq == 0 and int.from_bytes(reflect.payload, "little") == data.digest
+        await peer.tick(100)
+        assert out.messages == [], "delivered before the commit signal"
+        # A duplicate is reflected again, with the digest of what is held.
+        await peer.send_frame(data)
+        reflect = await peer.wait_for(lambda f: f.type == FrameType.REFLECT)
+        assert int.from_bytes(reflect.payload, "little") == data.digest
+        # Commit: the engine delivers and advances its delivery cursor.
+        await peer.send_frame(Frame(FrameType.SIGNAL, ccur=1, dcur=0))
+        sig = await peer.wait_for(lambda f: f.dcur == 1)
+        assert out.messages == [b"hello"]
+        # A DATA frame for a delivered transfer is a duplicate: dropped, not delivered.
+        await peer.send_frame(data)
+        await peer.tick(50)
+        assert peer.counter("duplicates") == 1 and out.messages == [b"hello"]
+        assert peer.counter("delivered") == 1
+        # A control-class message arrives on ctrl_out.
+        ctrl = Collector(ctx, dut.ctrl_out)
+        async def tick2(n=1):
+            for _ in range(n):
+                ctrl.sample()
+                await tick()
+        peer.tick = tick2
+        await peer.send_frame(Frame(FrameType.DATA, flags=FLAG_CTRL, seq=1, payload=b"\x05\x06", ccur=0, dcur=0))
+        await peer.wait_for(lambda f: f.type == FrameType.REFLECT and f.seq == 1)
+        await peer.send_frame(Frame(FrameType.SIGNAL, ccur=2))
+        await peer.wait_for(lambda f: f.dcur == 2)
+        assert ctrl.messages == [b"\x05\x06"] and out.messages == [b"hello"]
+    run(bench)
+
+
+def test_transfer_phases_as_sender():
+    async def bench(dut, ctx, peer):
+        await peer.bring_up()
+        await push_message(peer, dut.payload_in, b"abc")
+        data = await peer.wait_for(lambda f: f.type == FrameType.DATA)
+        assert data.seq == 0 and data.payload == b"abc"
+        # No reflect: the engine retransmits after its timer.
+        again = await peer.wait_for(lambda f: f.type == FrameType.DATA, timeout=TIMING["retx_cycles"] + 200)
+        assert again.payload == b"abc" and again.digest == data.digest
+        assert peer.counter("retransmits") >= 1
+        # A reflect with the wrong digest is refused and takes the link down (abort).
+        await peer.send_frame(Frame(FrameType.REFLECT, seq=0, payload=(data.digest ^ 1).to_bytes(4, "little")))
+        await peer.tick(5)
+        assert peer.counter("reflect_mismatches") == 1 and peer.state() != LinkState.UP
+        # Re-initialise (the peer kept nothing: it reports commit cursor 0).
+        await peer.bring_up(fresh=False)
+        assert peer.counter("aborts") == 1
+        data = await peer.wait_for(lambda f: f.type == FrameType.DATA)
+        # The right reflect moves the commit cursor; the delivery cursor frees the slot.
+        await peer.send_frame(Frame(FrameType.REFLECT, seq=0, payload=data.digest.to_bytes(4, "little")))
+        commit = await peer.wait_for(lambda f: f.ccur == 1)
+        assert ctx.get(dut.status.in_flight) == 1
+        await peer.send_frame(Frame(FrameType.SIGNAL, ccur=0, dcur=1))
+        await peer.tick(5)
+        assert ctx.get(dut.status.in_flight) == 0
+    run(bench)
+
+
+def test_window_limits_and_loss_inference():
+    async def bench(dut, ctx, peer):
+        await peer.bring_up()
+        for i in range(WINDOW + 2):
+            ctx.set(dut.payload_in.valid, 1)
+            ctx.set(dut.payload_in.payload, {"data": i, "last": 1})
+            for _ in range(20):
+                await peer.tick()
+                if ctx.get(dut.payload_in.ready):
+                    break
+        ctx.set(dut.payload_in.valid, 0)
+        await peer.tick(200)
+        datas = [f for f in peer.frames if f.type == FrameType.DATA]
+        assert [f.seq for f in datas][:WINDOW] == list(range(WINDOW))
+        assert max(f.seq for f in datas) == WINDOW - 1, "sent beyond the window"
+        peer.frames.clear()
+        # Reflect transfer 2 before 0 and 1: the engine infers they were lost and resends.
+        await peer.send_frame(Frame(FrameType.REFLECT, seq=2, payload=datas[2].digest.to_bytes(4, "little")))
+        resent = [await peer.wait_for(lambda f: f.type == FrameType.DATA, timeout=100) for _ in range(2)]
+        assert sorted(f.seq for f in resent) == [0, 1]
+    run(bench, retx_cycles=5000, dead_cycles=6000)
+
+
+def test_ctrl_messages_take_priority():
+    async def bench(dut, ctx, peer):
+        await peer.bring_up()
+        ctx.set(dut.payload_in.valid, 1)
+        ctx.set(dut.payload_in.payload, {"data": 0xAA, "last": 1})
+        ctx.set(dut.ctrl_in.valid, 1)
+        ctx.set(dut.ctrl_in.payload, {"data": 0xCC, "last": 1})
+        await peer.tick()
+        while not ctx.get(dut.ctrl_in.ready):
+            await peer.tick()
+        await peer.tick()
+        ctx.set(dut.ctrl_in.valid, 0)
+        first = await peer.wait_for(lambda f: f.type == FrameType.DATA)
+        assert first.flags & FLAG_CTRL and first.payload == b"\xcc"
+        ctx.set(dut.payload_in.valid, 0)
+    run(bench)
+
+
+@pytest.mark.parametrize("case", ["garbage", "bad_fcs", "truncated", "too_long", "unknown_type",
+                                  "bad_length", "seq_outside_window", "reflect_unknown_seq"])
+def test_bad_input_is_dropped_and_counted(case):
+    async def bench(dut, ctx, peer):
+        out = Collector(ctx, dut.payload_out)
+        orig_tick = peer.tick
+
+        async def tick(n=1):
+            for _ in range(n):
+                out.sample()
+                await orig_tick()
+        peer.tick = tick
+        await peer.bring_up()
+        good = encode(Frame(FrameType.DATA, seq=0, payload=b"ok"))
+        before = {name: peer.counter(name) for name in ("crc_errors", "framing_errors", "malformed")}
+        expect = None
+        if case == "garbage":
+            await peer.send(bytes([0xD5, 0x00, 0xD5, 0xD5, 0x13, 0x6B]) + bytes(range(40)))
+        elif case == "bad_fcs":
+            wire = bytearray(encode(Frame(FrameType.DATA, seq=0, payload=b"evil")))
+            wire[7] ^= 0x10
+            await peer.send(bytes(wire))
+            expect = "crc_errors"
+        elif case == "truncated":
+            await peer.send(encode(Frame(FrameType.DATA, seq=0, payload=b"evil"))[:9])
+            await peer.send(bytes(20))      # the line resumes with idle garbage
+            expect = "crc_errors"
+        elif case == "too_long":
+            body = bytes([FrameType.DATA, 0, MAXP + 1])
+            await peer.send(bytes(SYNC) + body + bytes(MAXP + 1))
+            expect = "framing_errors"
+        elif case == "unknown_type":
+            await peer.send_frame(Frame(0x9, seq=0, payload=b"evil"))
+            expect = "malformed"
+        elif case == "bad_length":
+            await peer.send_frame(Frame(FrameType.REFLECT, seq=0, payload=b"\x00\x00"))
+            expect = "malformed"
+        elif case == "seq_outside_window":
+            await peer.send_frame(Frame(FrameType.DATA, seq=100, payload=b"evil", ccur=101))
+            expect = "malformed"
+        elif case == "reflect_unknown_seq":
+            await peer.send_frame(Frame(FrameType.REFLECT, seq=77, payload=bytes(4)))
+            expect = "malformed"
+        await peer.tick(20)
+        after = {name: peer.counter(name) for name in before}
+        for name in before:
+            assert after[name] == before[name] + (name == expect), (name, before, after)
+        assert out.messages == []
+        # The link is not wedged: a good transfer still goes through.
+        assert peer.state() == LinkState.UP
+        await peer.send(good)
+        await peer.wait_for(lambda f: f.type == FrameType.REFLECT and f.seq == 0)
+        await peer.send_frame(Frame(FrameType.SIGNAL, ccur=1))
+        await peer.wait_for(lambda f: f.dcur == 1)
+        assert out.messages == [b"ok"]
+    run(bench)
+
+
+def test_oversize_input_message_dropped_whole():
+    async def bench(dut, ctx, peer):
+        await peer.bring_up()
+        await push_message(peer, dut.payload_in, bytes(MAXP + 5))
+        await push_message(peer, dut.payload_in, b"next")
+        data = await peer.wait_for(lambda f: f.type == FrameType.DATA)
+        assert data.payload == b"next" and data.seq == 0
+        assert peer.counter("oversize") == 1
+    run(bench)
+
+
+def test_probe_is_answered():
+    async def bench(dut, ctx, peer):
+        await peer.bring_up()
+        await peer.tick(5)
+        peer.frames.clear()
+        await peer.send_frame(Frame(FrameType.SIGNAL, flags=FLAG_PROBE))
+        await peer.wait_for(lambda f: f.type == FrameType.SIGNAL, timeout=30)
+    run(bench, idle_cycles=500, hello_cycles=500, dead_cycles=2000)
+
+
+def test_frames_match_software_crc_reference():
+    """Every byte the engine sends parses as frames whose FCS is the software CRC-32."""
+    async def bench(dut, ctx, peer):
+        await peer.bring_up()
+        await push_message(peer, dut.payload_in, bytes(range(MAXP)))
+        data = await peer.wait_for(lambda f: f.type == FrameType.DATA)
+        wire = encode(data)
+        body = wire[2:-4]
+        assert crc32(body) == int.from_bytes(wire[-4:], "little")
+        assert data.payload == bytes(range(MAXP))
+    run(bench)
