@@ -1,0 +1,217 @@
+"""The register bank: the register map of :mod:`epochlink.registers` as gateware.
+
+A :class:`RegisterBank` answers a simple register bus (:func:`bus_signature`) and gives
+the rest of the gateware one port per register:
+
+* RO (driven by hardware): an input the hardware drives with the current value;
+* RO (constant): no port, the value is built in;
+* RW: an output holding the host's value, plus ``<name>_wstb``, a one-cycle strobe
+  asserted together with the new value after every accepted write (also when the value
+  written equals the old one);
+* W1C: an output holding the sticky bits, plus ``<name>_set``, an input: every bit
+  driven 1 on it (for one cycle or more) sets the bit; a host write of 1 clears it
+  (a set in the same cycle wins).
+
+Ports of single-instance blocks live under the lowercase block name (``bank.node.scratch``),
+those of multi-instance blocks in an array (``bank.port[1].frames_tx``). A register with a
+single field at bit 0 has a plain unsigned port; one with several fields has a
+:class:`~amaranth.lib.data.FlexibleLayout` port whose fields are named like the map's
+fields (``bank.port[0].control.enable``).
+"""
+
+from amaranth import Module, Value, unsigned
+from amaranth.lib import data, enum, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from epochlink.hostproto import Status
+from epochlink.registers import Access, Block, Register, RegisterInstance, RegisterMap
+
+__all__ = ["BusStatus", "BusRequest", "BusResponse", "bus_signature", "register_shape",
+           "block_signature", "RegisterBank"]
+
+
+class BusStatus(enum.Enum, shape=2):
+    """Status of a register bus access (same codes as :class:`epochlink.hostproto.Status`)."""
+    OK = int(Status.OK)
+    BAD_ADDRESS = int(Status.BAD_ADDRESS)
+    READ_ONLY = int(Status.READ_ONLY)
+    ILLEGAL_VALUE = int(Status.ILLEGAL_VALUE)
+
+
+class BusRequest(data.Struct):
+    """A register access: read, or write of ``wdata``, at word address ``addr``."""
+    addr: 16
+    write: 1
+    wdata: 32
+
+
+class BusResponse(data.Struct):
+    """The answer to one :class:`BusRequest`: the register value and a status.
+
+    A read returns the value; a write returns the value after the write (unchanged when
+    refused; 0 for ``BAD_ADDRESS``).
+    """
+    rdata: 32
+    status: BusStatus
+
+
+def bus_signature() -> wiring.Signature:
+    """The register bus, seen from the requester.
+
+    ``req`` carries requests (valid/ready). ``rsp`` returns exactly one response per
+    accepted request, in order; it cannot be stalled, so the requester must be able to take
+    it (the :class:`RegisterBank` answers in the cycle after accepting the request).
+    """
+    return wiring.Signature({
+        "req": Out(stream.Signature(BusRequest)),
+        "rsp": In(stream.Signature(BusResponse, always_ready=True)),
+    })
+
+
+def register_shape(reg: Register):
+    """The shape of a register's hardware port."""
+    if reg.is_plain:
+        return unsigned(reg.width)
+    return data.FlexibleLayout(reg.width, {
+        f.name: data.Field(unsigned(f.width), f.lsb) for f in reg.fields})
+
+
+def _port_init(reg: Register, value: int):
+    return value if reg.is_plain else reg.decode(value)
+
+
+def block_signature(block: Block) -> wiring.Signature | None:
+    """Hardware-facing ports of one instance of ``block`` (seen from the bank)."""
+    members = {}
+    for reg in block.registers:
+        name = reg.name.lower()
+        shape = register_shape(reg)
+        if reg.access is Access.RO:
+            if not reg.constant:
+                members[name] = In(shape)
+        elif reg.access is Access.RW:
+            members[name] = Out(shape, init=_port_init(reg, reg.reset))
+            members[f"{name}_wstb"] = Out(1)
+        elif reg.access is Access.W1C:
+            members[name] = Out(shape, init=_port_init(reg, reg.reset))
+            members[f"{name}_set"] = In(shape)
+    return wiring.Signature(members) if members else None
+
+
+class RegisterBank(wiring.Component):
+    """Register bank built from a :class:`~epochlink.registers.RegisterMap`.
+
+    Accepts one request per cycle (``bus.req.ready`` is always 1) and answers it in the next
+    cycle on ``bus.rsp``. Refused accesses (``BAD_ADDRESS``, ``READ_ONLY``,
+    ``ILLEGAL_VALUE``) change nothing and raise no strobe. The validation rule of an RW
+    register (no bits outside its fields, fields within their ``max``) is checked in
+    hardware.
+
+    Members
+    -------
+    bus : In(bus_signature())
+        The register bus.
+    <block> : Out(block_signature(block))
+        Per-register hardware ports of a single-instance block (e.g. ``node``).
+    <block> : Out(block_signature(block)).array(n)
+        The same for each instance of a multi-instance block (e.g. ``port[p]``).
+    """
+
+    def __init__(self, regmap: RegisterMap) -> None:
+        self.regmap = regmap
+        members: dict[str, object] = {"bus": In(bus_signature())}
+        for block in regmap.blocks:
+            sig = block_signature(block)
+            count = len({i.index for i in regmap if i.block is block})
+            if sig is None or count == 0:
+                continue
+            if block.count > 1:
+                members[block.name.lower()] = Out(sig).array(count)
+            else:
+                members[block.name.lower()] = Out(sig)
+        super().__init__(members)
+
+    def _block_ports(self, inst: RegisterInstance):
+        ports = getattr(self, inst.block.name.lower())
+        return ports if inst.index is None else ports[inst.index]
+
+    def hw_port(self, name: str):
+        """The hardware port of register ``name`` (e.g. ``"PORT1.FRAMES_TX"``)."""
+        inst = self.regmap[name]
+        if inst.register.constant:
+            raise ValueError(f"{name} is a constant and has no port")
+        return getattr(self._block_ports(inst), inst.register.name.lower())
+
+    def hw_strobe(self, name: str):
+        """The write strobe of RW register ``name``."""
+        inst = self.regmap[name]
+        if inst.access is not Access.RW:
+            raise ValueError(f"{name} is not RW")
+        return getattr(self._block_ports(inst), inst.register.name.lower() + "_wstb")
+
+    def hw_set(self, name: str):
+        """The set input of W1C register ``name``."""
+        inst = self.regmap[name]
+        if inst.access is not Access.W1C:
+            raise ValueError(f"{name} is not W1C")
+        return getattr(self._block_ports(inst), inst.register.name.lower() + "_set")
+
+    def elaborate(self, platform) -> Module:
+        m = Module()
+        req, rsp = self.bus.req, self.bus.rsp
+        addr, write, wdata = req.payload.addr, req.payload.write, req.payload.wdata
+
+        m.d.comb += req.ready.eq(1)
+        m.d.sync += rsp.valid.eq(req.valid)
+
+        # Hardware-side behaviour that happens regardless of the bus.
+        for inst in self.regmap:
+            reg = inst.register
+            if reg.access is Access.RW:
+                m.d.sync += self.hw_strobe(inst.name).eq(0)
+            elif reg.access is Access.W1C:
+                value = Value.cast(self.hw_port(inst.name))
+                setb = Value.cast(self.hw_set(inst.name)) & reg.mask
+                m.d.sync += value.eq(value | setb)
+
+        with m.If(req.valid):
+            with m.Switch(addr):
+                for inst in self.regmap:
+                    reg = inst.register
+                    with m.Case(inst.address):
+                        if reg.constant:
+                            current = Value.cast(self.regmap.reset(inst))
+                        else:
+                            current = Value.cast(self.hw_port(inst.name)) & reg.mask
+                        m.d.sync += [rsp.payload.rdata.eq(current),
+                                     rsp.payload.status.eq(BusStatus.OK)]
+                        with m.If(write):
+                            self._write(m, inst, current, wdata)
+                with m.Default():
+                    m.d.sync += [rsp.payload.rdata.eq(0),
+                                 rsp.payload.status.eq(BusStatus.BAD_ADDRESS)]
+        return m
+
+    def _write(self, m: Module, inst: RegisterInstance, current: Value, wdata: Value) -> None:
+        reg = inst.register
+        rsp = self.bus.rsp
+        if reg.access is Access.RO:
+            m.d.sync += rsp.payload.status.eq(BusStatus.READ_ONLY)
+        elif reg.access is Access.RW:
+            illegal = (wdata & (0xFFFF_FFFF & ~reg.mask)) != 0
+            for f in reg.fields:
+                if f.max is not None:
+                    illegal |= wdata[f.lsb:f.lsb + f.width] > f.max
+            with m.If(illegal):
+                m.d.sync += rsp.payload.status.eq(BusStatus.ILLEGAL_VALUE)
+            with m.Else():
+                m.d.sync += [
+                    Value.cast(self.hw_port(inst.name)).eq(wdata[:reg.width]),
+                    self.hw_strobe(inst.name).eq(1),
+                    rsp.payload.rdata.eq(wdata),
+                ]
+        elif reg.access is Access.W1C:
+            value = Value.cast(self.hw_port(inst.name))
+            setb = Value.cast(self.hw_set(inst.name)) & reg.mask
+            new = (value & ~wdata[:reg.width]) | setb
+            m.d.sync += [value.eq(new), rsp.payload.rdata.eq(new & reg.mask)]
