@@ -654,13 +654,10 @@ class LinkEngine(wiring.Component):
         reconcile = Signal()
         go_up = Signal()
         with m.If(go_down):
-            m.d.sync += [up.eq(0), seen.eq(0)]
             m.d.comb += flush.eq(1)
             drive("rxv_clr", ~rx_committed_mask)
             with m.If(up):
                 m.d.comb += incr["link_downs"].eq(1)
-        with m.If(go_up):
-            m.d.sync += [up.eq(1), fresh.eq(0)]
 
         h = dfr.small
         p_node, p_vmin, p_vmax, p_flags = h[0:16], h[16:24], h[24:32], h[32:40]
@@ -795,8 +792,12 @@ class LinkEngine(wiring.Component):
         with m.Else():
             m.d.sync += retx_timer.eq(retx_timer + 1)
 
+        # Link state changes last, so they override the per-frame updates above. `seen`
+        # only has a meaning while DOWN: it says we reconciled with the peer's HELLO.
         with m.If(go_down):
-            m.d.sync += [probe_due.eq(0), probe_reply_due.eq(0)]
+            m.d.sync += [up.eq(0), seen.eq(reconcile), probe_due.eq(0), probe_reply_due.eq(0)]
+        with m.Elif(go_up):
+            m.d.sync += [up.eq(1), fresh.eq(0), seen.eq(0)]
 
         def combined(name):
             value = Const(0, W)
