@@ -158,12 +158,23 @@ def _results(xml_path: Path) -> tuple[int, list[str]]:
     return total, failed
 
 
+def _failure_excerpt(log: Path, lines: int = 40) -> str:
+    """The part of a cocotb log that says why a test failed."""
+    if not log.exists():
+        return ""
+    text = log.read_text(errors="replace").splitlines()
+    marks = [i for i, line in enumerate(text) if "Error" in line or "FAIL" in line or "Traceback" in line]
+    start = max(0, (marks[0] if marks else len(text)) - 5)
+    return "\n".join(text[start:start + lines])
+
+
 def run(design: DesignBuild, test_module: str, *, testcase: str | None = None,
         env: dict[str, str] | None = None, seed: int | None = None,
         run_name: str | None = None) -> Path:
     """Run the cocotb tests of ``test_module`` (a dotted module name) against ``design``.
 
-    Raises :class:`SimulationFailed` when a test fails. Returns the run directory.
+    Raises :class:`SimulationFailed` when a test fails. Returns the run directory. The
+    simulator's output goes to ``sim.log`` there (``EPOCHLINK_SIM_VERBOSE=1`` streams it).
     ``env`` passes parameters to the testbench (read there with ``os.environ``).
     """
     from cocotb_tools.runner import get_runner
@@ -175,6 +186,8 @@ def run(design: DesignBuild, test_module: str, *, testcase: str | None = None,
     results = test_dir / "results.xml"
     if results.exists():
         results.unlink()
+    log = test_dir / "sim.log"
+    verbose = os.environ.get("EPOCHLINK_SIM_VERBOSE", "0") not in ("", "0")
     runner = get_runner("verilator")
     # Attach the runner to the cached build without rebuilding.
     runner.build_dir = design.build_dir
@@ -194,9 +207,10 @@ def run(design: DesignBuild, test_module: str, *, testcase: str | None = None,
             runner.test(hdl_toplevel=design.toplevel, test_module=test_module,
                         testcase=testcase, build_dir=design.build_dir, test_dir=test_dir,
                         extra_env=test_env, seed=seed, results_xml=str(results),
-                        waves=design.waves, timescale=("1ns", "1ps"))
+                        waves=design.waves, timescale=("1ns", "1ps"),
+                        log_file=None if verbose else log)
         except SystemExit as exc:
-            raise SimulationFailed(f"simulator exited with {exc.code} (see {test_dir})") from None
+            raise SimulationFailed(f"simulator exited with {exc.code} (log: {log})\n{_failure_excerpt(log)}") from None
     finally:
         if pytest_marker is not None:
             os.environ["PYTEST_CURRENT_TEST"] = pytest_marker
@@ -208,5 +222,5 @@ def run(design: DesignBuild, test_module: str, *, testcase: str | None = None,
     if total == 0:
         raise SimulationFailed(f"{test_module}: no cocotb test ran")
     if failed:
-        raise SimulationFailed(f"{test_module}: failed {', '.join(failed)} (logs in {test_dir})")
+        raise SimulationFailed(f"{test_module}: failed {', '.join(failed)} (log: {log})\n{_failure_excerpt(log)}")
     return test_dir

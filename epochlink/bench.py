@@ -1,0 +1,181 @@
+"""Benchmarks: ``make bench`` (``python -m epochlink.bench [section ...]``).
+
+Each section measures the real gateware (Verilator, or Amaranth's simulator where the
+point is to compare simulators), writes ``build/bench/<section>.json`` and its table into
+``docs/benchmarks.md`` between markers. Goals are reported, never asserted: a benchmark
+that misses its goal says so in its table and exit status stays 0.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+from .hdl.channel import ber_to_threshold, threshold_to_byte_error_probability
+from .hdl.frame import OVERHEAD_BYTES
+from .sim import verilator
+
+BENCH_DIR = verilator.BUILD_ROOT / "bench"
+DOCS = verilator.PROJECT_ROOT / "docs" / "benchmarks.md"
+
+LINK_DELAY = 16          # channel latency in cycles, each way
+LINK_PAYLOAD = 64        # message length for the goodput sweep (bytes)
+LINK_BERS = (0.0, 1e-6, 1e-5, 1e-4, 1e-3)
+LINK_WINDOWS = (4, 8, 16)
+GOODPUT_GOAL = 0.95      # of the bound, at every BER up to 1e-4
+LATENCY_SLACK = 32       # cycles above the 3 / 4 one-way floors
+
+
+def _run(design, testcase, name, cfg) -> dict:
+    result = BENCH_DIR / "runs" / f"{name}.json"
+    result.parent.mkdir(parents=True, exist_ok=True)
+    verilator.run(design, "epochlink.sim.tb_link", testcase=testcase, run_name=f"bench-{name}",
+                  env={"EPOCHLINK_TB_CONFIG": json.dumps(cfg), "EPOCHLINK_TB_RESULT": str(result)})
+    return json.loads(result.read_text())
+
+
+def goodput_bound(ber: float, payload: int) -> tuple[int, float]:
+    """Line rate (1 byte/cycle) x payload/frame bytes x (1 - FER), FER from the channel's
+    actual per-byte error probability (the threshold it is programmed with)."""
+    frame_bytes = payload + OVERHEAD_BYTES
+    p_byte = threshold_to_byte_error_probability(ber_to_threshold(ber))
+    fer = 1 - (1 - p_byte) ** frame_bytes
+    return frame_bytes, payload / frame_bytes * (1 - fer)
+
+
+def bench_link(cycles: int) -> dict:
+    from .sim.link_pair import LinkPair
+
+    points = []
+    designs = {}
+    for window in LINK_WINDOWS:
+        designs[window] = verilator.build("link_pair", LinkPair(delay=LINK_DELAY, window=window,
+                                                                 max_payload=LINK_PAYLOAD))
+        for ber in LINK_BERS:
+            r = _run(designs[window], "generator_run", f"goodput-w{window}-ber{ber:g}",
+                     {"ber": ber, "cycles": cycles, "min_length": LINK_PAYLOAD, "max_length": LINK_PAYLOAD})
+            frame_bytes, bound = goodput_bound(ber, LINK_PAYLOAD)
+            points.append({"ber": ber, "window": window, "frame_bytes": frame_bytes,
+                           "goodput": round(r["goodput"], 5), "bound": round(bound, 5),
+                           "ratio": round(r["goodput"] / bound, 4),
+                           "retransmits": r["a_retransmits"], "crc_errors": r["b_crc_errors"] + r["a_crc_errors"],
+                           "cycles_per_s": round(r["cycles_per_s"])})
+            print(f"  link goodput window={window:2d} ber={ber:g}: {r['goodput']:.4f} B/cycle "
+                  f"= {r['goodput'] / bound:.3f} x bound", flush=True)
+
+    lat = _run(designs[8], "idle_latency", "latency", {"length": 4, "trials": 8})
+    one_way = max(lat["one_way"])
+    delivery = max(s[0] for s in lat["samples"])
+    release = max(s[1] for s in lat["samples"])
+    latency = {"window": 8, "payload_bytes": 4, "one_way_cycles": one_way,
+               "delivery_cycles": delivery, "release_cycles": release,
+               "delivery_floor": 3 * one_way, "release_floor": 4 * one_way,
+               "delivery_goal_met": delivery <= 3 * one_way + LATENCY_SLACK,
+               "release_goal_met": release <= 4 * one_way + LATENCY_SLACK,
+               "samples": lat["samples"], "one_way_samples": lat["one_way"]}
+
+    speed = {"design": "two engines + two channels + traffic generator/checker (window 8)",
+             "verilator_cycles_per_s": round(sum(p["cycles_per_s"] for p in points if p["window"] == 8)
+                                             / sum(1 for p in points if p["window"] == 8)),
+             "pysim_cycles_per_s": round(_pysim_speed())}
+    goal_points = [p for p in points if p["ber"] <= 1e-4]
+    return {"points": points, "latency": latency, "speed": speed,
+            "goals": {"goodput_ratio": GOODPUT_GOAL, "latency_slack_cycles": LATENCY_SLACK,
+                      "goodput_goal_met_windows": sorted({p["window"] for p in goal_points}
+                                                         - {p["window"] for p in goal_points
+                                                            if p["ratio"] < GOODPUT_GOAL})}}
+
+
+def _pysim_speed(cycles: int = 20000) -> float:
+    """The same two-node design under Amaranth's Python simulator."""
+    from amaranth.sim import Simulator
+    from .sim.link_pair import LinkPair
+
+    dut = LinkPair(delay=LINK_DELAY, window=8, max_payload=LINK_PAYLOAD)
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    elapsed = {}
+
+    async def bench(ctx):
+        for node in ("a", "b"):
+            ctx.set(getattr(dut, f"{node}_enable"), 1)
+            ctx.set(getattr(dut, f"{node}_ver_min"), 1)
+            ctx.set(getattr(dut, f"{node}_ver_max"), 1)
+        ctx.set(dut.use_generator, 1)
+        ctx.set(dut.gen_enable, 1)
+        ctx.set(dut.gen_min_length, LINK_PAYLOAD)
+        ctx.set(dut.gen_max_length, LINK_PAYLOAD)
+        start = time.perf_counter()
+        await ctx.tick().repeat(cycles)
+        elapsed["s"] = time.perf_counter() - start
+        assert ctx.get(dut.chk_received) > 0 and ctx.get(dut.chk_errors_sequence) == 0
+    sim.add_testbench(bench)
+    sim.run()
+    return cycles / elapsed["s"]
+
+
+def link_table(data: dict) -> str:
+    rows = ["| BER | window | frame bytes | goodput (B/cycle) | bound | ratio | goal >= 0.95 |",
+            "|---|---|---|---|---|---|---|"]
+    for p in data["points"]:
+        goal = ("yes" if p["ratio"] >= GOODPUT_GOAL else "**no**") if p["ber"] <= 1e-4 else "n/a"
+        rows.append(f"| {p['ber']:g} | {p['window']} | {p['frame_bytes']} | {p['goodput']:.4f} | "
+                    f"{p['bound']:.4f} | {p['ratio']:.3f} | {goal} |")
+    lat = data["latency"]
+    rows += ["", "| idle-link latency (4-byte message) | cycles | floor | goal (floor + 32) |",
+             "|---|---|---|---|",
+             f"| one-way delay of a minimal frame | {lat['one_way_cycles']} | | |",
+             f"| delivery at the receiver | {lat['delivery_cycles']} | {lat['delivery_floor']} (3 one-way) | "
+             f"{'met' if lat['delivery_goal_met'] else '**missed**'} |",
+             f"| release at the sender | {lat['release_cycles']} | {lat['release_floor']} (4 one-way) | "
+             f"{'met' if lat['release_goal_met'] else '**missed**'} |"]
+    sp = data["speed"]
+    rows += ["", "| simulator (two-node link design) | cycles/s |", "|---|---|",
+             f"| Verilator (cocotb, in-design traffic) | {sp['verilator_cycles_per_s']:,} |",
+             f"| Amaranth Python simulator | {sp['pysim_cycles_per_s']:,} |"]
+    return "\n".join(rows) + "\n"
+
+
+SECTIONS = {"link": (bench_link, link_table)}
+
+
+def update_docs(section: str, table: str) -> None:
+    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n\nWritten by `make bench`; numbers are measured on the machine that ran it.\n"
+    begin, end = f"<!-- bench:{section}:begin -->", f"<!-- bench:{section}:end -->"
+    block = f"{begin}\n{table}{end}"
+    if begin in text:
+        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    else:
+        text += f"\n## {section}\n\n{block}\n"
+    DOCS.write_text(text)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m epochlink.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("sections", nargs="*", metavar="SECTION",
+                        help=f"benchmarks to run: {', '.join(SECTIONS)} (default: all)")
+    parser.add_argument("--cycles", type=int, default=300_000, help="measured cycles per goodput point")
+    args = parser.parse_args(argv)
+    unknown = [s for s in args.sections if s not in SECTIONS]
+    if unknown:
+        parser.error(f"unknown section {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+    BENCH_DIR.mkdir(parents=True, exist_ok=True)
+    for section in args.sections or SECTIONS:
+        run, table = SECTIONS[section]
+        print(f"bench {section} ...", flush=True)
+        started = time.perf_counter()
+        data = run(args.cycles)
+        data["wall_s"] = round(time.perf_counter() - started, 1)
+        out = BENCH_DIR / f"{section}.json"
+        out.write_text(json.dumps(data, indent=2) + "\n")
+        update_docs(section, table(data))
+        print(table(data))
+        print(f"wrote {out} and the {section} table in {DOCS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
