@@ -30,7 +30,7 @@ help:
 	@echo "make soak       long randomized runs"
 	@echo "make bitstream BOARD=icebreaker|ulx3s-85f"
 	@echo "make flash     BOARD=icebreaker|ulx3s-85f"
-	@echo "WAVES=1 before any simulation target writes an FST waveform and prints its path"
+	@echo "WAVES=1 before any simulation target writes a VCD waveform and prints its path"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

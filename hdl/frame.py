@@ -42,7 +42,7 @@ class FrameType(enum.IntEnum):
     DATA = 1     #: a transfer: payload bytes of one message; LEN 1..max_payload
     REFLECT = 2  #: reflective acknowledgement: SEQ and the 4-byte digest of what arrived
     SIGNAL = 3   #: cursors only (commit/deliver signals, heartbeats); LEN 0
-    HELLO = 4    #: link initialisation: node id, version range, cursors; LEN 7
+    HELLO = 4    #: link initialisation: node id, version range, cursors; LEN 8
 
 
 FLAG_CTRL = 0x10   #: DATA: the message belongs to the control class (delivered on ctrl_out)
@@ -55,7 +55,7 @@ HEADER_BYTES = 2 + 3          # SYNC0 SYNC1 TYPE SEQ LEN
 TRAILER_BYTES = 2 + 4         # CCUR DCUR FCS
 OVERHEAD_BYTES = HEADER_BYTES + TRAILER_BYTES
 REFLECT_LEN = 4
-HELLO_LEN = 7
+HELLO_LEN = 8
 
 
 class LinkState(enum.IntEnum):
@@ -84,17 +84,18 @@ class Hello:
     flags: int
     tx_base: int    #: oldest transfer the sender still holds (its free cursor)
     rx_commit: int  #: the sender's commit cursor for transfers it receives
+    rx_next: int = 0  #: the sender's delivery cursor (its receive window starts here)
 
     def encode(self) -> bytes:
         return bytes([self.node_id & 0xFF, self.node_id >> 8 & 0xFF, self.ver_min, self.ver_max,
-                      self.flags, self.tx_base, self.rx_commit])
+                      self.flags, self.tx_base, self.rx_commit, self.rx_next])
 
     @classmethod
     def decode(cls, payload: bytes) -> "Hello":
         if len(payload) != HELLO_LEN:
             raise FrameError(f"HELLO payload must be {HELLO_LEN} bytes, not {len(payload)}")
         p = payload
-        return cls(p[0] | p[1] << 8, p[2], p[3], p[4], p[5], p[6])
+        return cls(p[0] | p[1] << 8, p[2], p[3], p[4], p[5], p[6], p[7])
 
 
 @dataclass(frozen=True)

@@ -95,7 +95,7 @@ class _Serializer(Elaboratable):
         self.seq = Signal(8)
         self.length = Signal(8)
         self.slot = Signal(slot_bits)
-        self.small = Signal(7 * 8)  # in, sampled at start: REFLECT/HELLO payload bytes
+        self.small = Signal(HELLO_LEN * 8)  # in, sampled at start: REFLECT/HELLO payload bytes
         self.ccur = Signal(8)       # in, live: sampled when the trailer is sent
         self.dcur = Signal(8)
         self.sent_ccur = Signal(8)  # out: last cursors put on the wire
@@ -117,7 +117,7 @@ class _Serializer(Elaboratable):
         seq = Signal(8)
         length = Signal(8)
         slot = Signal(self._slot_bits)
-        small = Signal(7 * 8)
+        small = Signal(HELLO_LEN * 8)
         index = Signal(8)
         byte = Signal(8)
 
@@ -165,9 +165,9 @@ class _Serializer(Elaboratable):
                         m.next = "PAYLOAD"
             with m.State("PAYLOAD"):
                 is_data = type_byte[:4] == FrameType.DATA
-                small_bytes = Array(small[8 * i:8 * i + 8] for i in range(7))
+                small_bytes = Array(small[8 * i:8 * i + 8] for i in range(HELLO_LEN))
                 m.d.comb += [self.busy.eq(1), tx.valid.eq(1), fcs.valid.eq(accepted),
-                             byte.eq(Mux(is_data, self.buf_data, small_bytes[index[:3]]))]
+                             byte.eq(Mux(is_data, self.buf_data, small_bytes[index[:exact_log2(HELLO_LEN)]]))]
                 with m.If(accepted):
                     m.d.comb += [self.buf_en.eq(1), self.buf_addr.eq(slot * self._max_payload + index + 1)]
                     m.d.sync += index.eq(index + 1)
@@ -224,7 +224,7 @@ class _Deframer(Elaboratable):
         self.ccur = Signal(8)
         self.dcur = Signal(8)
         self.digest = Signal(32)
-        self.small = Signal(7 * 8)
+        self.small = Signal(HELLO_LEN * 8)
         self.wrote = Signal()            # the payload went into the receive buffer
         self._slot_bits = slot_bits
         self._max_payload = max_payload
@@ -236,7 +236,7 @@ class _Deframer(Elaboratable):
         byte = rx.payload
         index = Signal(8)
         check = Signal()
-        small_next = Signal(7 * 8)
+        small_next = Signal(HELLO_LEN * 8)
         m.d.comb += [fcs.data.eq(byte), small_next.eq(Cat(self.small[8:], byte))]
         m.d.comb += [self.buf_data.eq(byte),
                      self.buf_addr.eq(self.seq[:self._slot_bits] * self._max_payload + index)]
@@ -272,7 +272,7 @@ class _Deframer(Elaboratable):
                 with m.If(rx.valid):
                     m.d.comb += fcs.valid.eq(1)
                     m.d.sync += [self.length.eq(byte), index.eq(0)]
-                    with m.If(byte > self._max_payload):
+                    with m.If(byte > max(self._max_payload, HELLO_LEN)):
                         m.d.comb += self.framing_error.eq(1)
                         m.next = "HUNT"
                     with m.Elif(byte == 0):
@@ -281,8 +281,8 @@ class _Deframer(Elaboratable):
                         m.next = "PAYLOAD"
             with m.State("PAYLOAD"):
                 with m.If(rx.valid):
-                    m.d.comb += [fcs.valid.eq(1), self.buf_we.eq(self.wrote)]
-                    with m.If(index < 7):
+                    m.d.comb += [fcs.valid.eq(1), self.buf_we.eq(self.wrote & (index < self._max_payload))]
+                    with m.If(index < HELLO_LEN):
                         m.d.sync += self.small.eq(small_next)
                     m.d.sync += index.eq(index + 1)
                     with m.If(index == self.length - 1):
@@ -293,9 +293,9 @@ class _Deframer(Elaboratable):
                     m.d.sync += [self.ccur.eq(byte), self.digest.eq(fcs.crc)]
                     # Short payloads were shifted in from the top: align them to byte 0.
                     with m.Switch(self.length):
-                        for n in range(1, 7):
+                        for n in range(1, HELLO_LEN):
                             with m.Case(n):
-                                m.d.sync += self.small.eq(self.small >> (8 * (7 - n)))
+                                m.d.sync += self.small.eq(self.small >> (8 * (HELLO_LEN - n)))
                     m.next = "DCUR"
             with m.State("DCUR"):
                 with m.If(rx.valid):
@@ -560,7 +560,7 @@ class LinkEngine(wiring.Component):
 
         # ---- reflect queue -----------------------------------------------------------------
         flush = Signal()
-        m.submodules.reflect_q = reflect_q = ResetInserter(flush)(fifo.SyncFIFOBuffered(width=8 + 32, depth=4))
+        m.submodules.reflect_q = reflect_q = ResetInserter(flush)(fifo.SyncFIFOBuffered(width=8 + 32, depth=max(4, W)))
 
         # ---- transmit scheduling -----------------------------------------------------------
         rot_need = Signal(W)   # need_send, rotated so bit 0 is the oldest in-flight slot
@@ -576,9 +576,9 @@ class LinkEngine(wiring.Component):
 
         cursors_dirty = (ser.sent_ccur != tx_commit) | (ser.sent_dcur != rx_next)
         heartbeat_due = idle_timer >= self.idle_cycles
-        hello_fields = Signal(7 * 8)
+        hello_fields = Signal(HELLO_LEN * 8)
         m.d.comb += hello_fields.eq(Cat(self.node_id, self.ver_min, self.ver_max,
-                                        Cat(fresh, seen, Const(0, 6)), tx_free, rx_commit))
+                                        Cat(fresh, seen, Const(0, 6)), tx_free, rx_commit, rx_next))
         m.d.comb += [ser.ccur.eq(tx_commit), ser.dcur.eq(rx_next),
                      ser.buf_data.eq(txb_r.data), txb_r.addr.eq(ser.buf_addr), txb_r.en.eq(ser.buf_en)]
 
@@ -616,7 +616,7 @@ class LinkEngine(wiring.Component):
             m.d.sync += idle_timer.eq(0)
         with m.Elif(idle_timer < max(self.idle_cycles, self.hello_cycles)):
             m.d.sync += idle_timer.eq(idle_timer + 1)
-        with m.If(~up & self.enable & (idle_timer >= self.hello_cycles)):
+        with m.If(~up & self.enable & (idle_timer >= self.hello_cycles) & ~ser.start):
             m.d.sync += hello_due.eq(1)
 
         # ---- receive processing ------------------------------------------------------------
@@ -629,7 +629,7 @@ class LinkEngine(wiring.Component):
 
         f_type, f_seq, f_len = dfr.type, dfr.seq, dfr.length
         f_slot = slot_of(f_seq)
-        len_ok = Mux(f_type == FrameType.DATA, f_len != 0,
+        len_ok = Mux(f_type == FrameType.DATA, (f_len != 0) & (f_len <= MAXP),
                  Mux(f_type == FrameType.REFLECT, f_len == REFLECT_LEN,
                  Mux(f_type == FrameType.SIGNAL, f_len == 0,
                  Mux(f_type == FrameType.HELLO, f_len == HELLO_LEN, 0))))
@@ -661,7 +661,7 @@ class LinkEngine(wiring.Component):
 
         h = dfr.small
         p_node, p_vmin, p_vmax, p_flags = h[0:16], h[16:24], h[24:32], h[32:40]
-        p_tx_base, p_rx_commit = h[40:48], h[48:56]
+        p_tx_base, p_rx_commit, p_rx_next = h[40:48], h[48:56], h[56:64]
         p_fresh, p_seen = p_flags[0], p_flags[1]
         agreed = Mux(p_vmax < self.ver_max, p_vmax, self.ver_max)
         lowest = Mux(p_vmin > self.ver_min, p_vmin, self.ver_min)
@@ -700,15 +700,25 @@ class LinkEngine(wiring.Component):
         # Reconcile with the peer's HELLO: agree on which transfers happened.
         with m.If(reconcile):
             with m.If(fresh):
+                # Nothing of our own to keep: continue the peer's numbering. Transfers of
+                # our previous incarnation that the peer committed but has not yet
+                # delivered still occupy its window: count them as ours, held and
+                # reflected, so they are freed by its delivery cursor and never resent.
                 m.d.sync += [rx_next.eq(p_tx_base), rx_commit.eq(p_tx_base),
-                             tx_free.eq(p_rx_commit), tx_commit.eq(p_rx_commit), tx_next.eq(p_rx_commit)]
+                             tx_free.eq(p_rx_next), tx_commit.eq(p_rx_commit), tx_next.eq(p_rx_commit)]
                 drive("rxv_clr", ~0)
+                drive("need_clr", ~0)
+                drive("refl_set", ~0)
             with m.Else():
-                peer_ok = ~p_fresh & (_mod(p_rx_commit - tx_free) <= tx_in_flight)
+                # The peer committed everything before p_rx_commit and delivered everything
+                # before p_rx_next; the rest of what we sent never happened: send it again.
+                commit_off = _mod(p_rx_commit - tx_free)
+                peer_ok = ~p_fresh & (commit_off <= tx_in_flight) & (_mod(p_rx_next - tx_free) <= commit_off)
+                new_free = Mux(peer_ok, p_rx_next, tx_free)
                 new_commit = Mux(peer_ok, p_rx_commit, tx_free)
-                freed = range_mask(tx_free, _mod(new_commit - tx_free))
+                freed = range_mask(tx_free, _mod(new_free - tx_free))
                 redo = range_mask(new_commit, _mod(tx_next - new_commit))
-                m.d.sync += [tx_free.eq(new_commit), tx_commit.eq(new_commit)]
+                m.d.sync += [tx_free.eq(new_free), tx_commit.eq(new_commit)]
                 drive("need_clr", freed)
                 drive("refl_clr", freed | redo)
                 drive("need_set", redo)

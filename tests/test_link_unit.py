@@ -22,6 +22,8 @@ class Peer:
         self.dut, self.ctx = dut, ctx
         self.rx_bytes = bytearray()
         self.frames = []
+        self.cycle = 0
+        self.hello_cycles = []     # cycle at which each HELLO from the engine was complete
 
     async def tick(self, n=1):
         for _ in range(n):
@@ -29,6 +31,7 @@ class Peer:
                 self.rx_bytes.append(self.ctx.get(self.dut.phy_tx.payload))
                 self._parse()
             await self.ctx.tick()
+            self.cycle += 1
 
     def _parse(self):
         buf = self.rx_bytes
@@ -39,6 +42,8 @@ class Peer:
             if len(buf) < total:
                 return
             self.frames.append(decode(bytes(buf[:total])))   # raises on a bad FCS
+            if self.frames[-1].type == FrameType.HELLO:
+                self.hello_cycles.append(self.cycle)
             del buf[:total]
 
     async def send(self, wire: bytes, gap=0):
@@ -82,7 +87,7 @@ class Peer:
 
 
 def run(testbench, **engine_args):
-    dut = LinkEngine(window=WINDOW, max_payload=MAXP, **{**TIMING, **engine_args})
+    dut = LinkEngine(**{"window": WINDOW, "max_payload": MAXP, **TIMING, **engine_args})
     sim = Simulator(dut)
     sim.add_clock(1e-8)
     result = {}
@@ -378,4 +383,71 @@ def test_frames_match_software_crc_reference():
         body = wire[2:-4]
         assert crc32(body) == int.from_bytes(wire[-4:], "little")
         assert data.payload == bytes(range(MAXP))
+    run(bench)
+
+
+def test_hello_period_while_down():
+    """While DOWN, one HELLO per hello_cycles (not two back to back)."""
+    async def bench(dut, ctx, peer):
+        await peer.tick(TIMING["hello_cycles"] * 10)
+        gaps = [b - a for a, b in zip(peer.hello_cycles, peer.hello_cycles[1:])]
+        assert len(peer.hello_cycles) >= 5 and min(gaps) >= TIMING["hello_cycles"], gaps
+    run(bench)
+
+
+@pytest.mark.parametrize("max_payload", [1, 4, 7])
+def test_link_comes_up_with_small_max_payload(max_payload):
+    async def bench(dut, ctx, peer):
+        await peer.bring_up()
+        await push_message(peer, dut.payload_in, bytes(range(max_payload)))
+        data = await peer.wait_for(lambda f: f.type == FrameType.DATA)
+        assert data.payload == bytes(range(max_payload))
+        # A DATA frame longer than max_payload (but a legal HELLO length) is malformed.
+        if max_payload < 7:
+            before = peer.counter("malformed")
+            await peer.send_frame(Frame(FrameType.DATA, seq=0, payload=bytes(max_payload + 1)))
+            await peer.tick(10)
+            assert peer.counter("malformed") == before + 1
+    run(bench, max_payload=max_payload)
+
+
+def test_reinit_keeps_sender_window_at_receivers_delivery_cursor():
+    """After a re-init, transfers the peer committed but has not delivered still occupy
+    its window: the engine frees them only on the peer's delivery cursor."""
+    async def bench(dut, ctx, peer):
+        await peer.bring_up()
+        sent = []
+        for i in range(WINDOW):
+            await push_message(peer, dut.payload_in, bytes([i]))
+            sent.append(await peer.wait_for(lambda f: f.type == FrameType.DATA))
+        for data in sent:
+            await peer.send_frame(Frame(FrameType.REFLECT, seq=data.seq, payload=data.digest.to_bytes(4, "little")))
+        await peer.wait_for(lambda f: f.ccur == WINDOW)
+        # The peer went down while it still had all four to deliver.
+        await peer.send_frame(Frame(FrameType.HELLO, payload=Hello(0x77, 1, 1, 0, 0, rx_commit=WINDOW, rx_next=0).encode()))
+        hello = Hello.decode((await peer.wait_for(lambda f: f.type == FrameType.HELLO)).payload)
+        await peer.send_frame(Frame(FrameType.HELLO, payload=Hello(0x77, 1, 1, HELLO_PEER_SEEN, 0, WINDOW, 0).encode()))
+        await peer.tick(20)
+        assert peer.state() == LinkState.UP
+        assert ctx.get(dut.status.in_flight) == WINDOW and ctx.get(dut.status.tx_commit) == WINDOW
+        assert not [f for f in peer.frames if f.type == FrameType.DATA], "resent committed transfers"
+        await peer.send_frame(Frame(FrameType.SIGNAL, dcur=WINDOW))
+        await peer.tick(10)
+        assert ctx.get(dut.status.in_flight) == 0
+    run(bench)
+
+
+def test_hello_reports_receive_cursors():
+    """The engine's HELLO carries its commit and delivery cursors as a receiver."""
+    async def bench(dut, ctx, peer):
+        ctx.set(dut.payload_out.ready, 0)       # the host is not reading: nothing is delivered
+        await peer.bring_up()
+        for seq in range(2):
+            await peer.send_frame(Frame(FrameType.DATA, seq=seq, payload=b"x"))
+            await peer.wait_for(lambda f: f.type == FrameType.REFLECT and f.seq == seq)
+        await peer.send_frame(Frame(FrameType.SIGNAL, ccur=2))
+        await peer.tick(20)
+        await peer.send_frame(Frame(FrameType.HELLO, payload=Hello(0x77, 1, 1, 0, 2, 0).encode()))
+        hello = Hello.decode((await peer.wait_for(lambda f: f.type == FrameType.HELLO)).payload)
+        assert (hello.rx_commit, hello.rx_next) == (2, 0)
     run(bench)
