@@ -86,3 +86,18 @@ def test_resets_and_cuts_follow_the_contract(design, tmp_path, seed):
                  seed=200 + seed)
     kinds = {e["fault"] for e in r["events"]}
     assert {"reset_a", "reset_b"} <= kinds
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(20))
+def test_soak_random_faults(design, tmp_path, seed):
+    """`make soak`: long random runs mixing every impairment."""
+    import random
+    rng = random.Random(seed)
+    resets = rng.choice([[], ["reset_a"], ["reset_b"], ["reset_a", "reset_b", "reset_b"]])
+    r = run_case(design, tmp_path, "stream_integrity", f"soak{seed}", seed=1000 + seed,
+                 ber=rng.choice([0, 1e-5, 1e-4, 1e-3]), burst_probability=rng.choice([0, 1e-4]),
+                 burst_length=rng.randint(2, 20), messages=2000, cuts=rng.randint(0, 6), resets=resets,
+                 fault_cycles=300_000, backpressure=rng.choice([0, 0.2]), bidirectional=rng.random() < 0.5,
+                 max_cycles=5_000_000)
+    assert r["delivered"] + r["lost_by_contract"] - r["duplicated"] == r["sent"]
