@@ -40,6 +40,7 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from ..hdl.common import phy_rx_signature, phy_tx_signature
+from ..hdl.frame import LINK_COUNTERS
 from ..hdl.serdes import SerialPHY, SerialReceiver, SerialTransmitter, divisor_for
 
 __all__ = ["NICCoreSignature", "PRBSGenerator", "PRBSChecker", "StatusReporter",
@@ -479,8 +480,7 @@ class LinkNICCore(wiring.Component):
                 reg("PEER_ID").eq(status.peer_id),
             ]
             wiring.connect(m, channel.rx, engine.phy_rx)
-            for name in ("frames_tx", "frames_rx", "crc_errors", "malformed", "retransmits",
-                         "aborts", "link_downs", "delivered"):
+            for name in LINK_COUNTERS:
                 m.d.comb += reg(name.upper()).eq(getattr(status, name))
 
             # EVENTS: a counter moved (it moves by at most one per cycle: watch bit 0).

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 from . import __version__
-from .hdl.frame import LinkState  # the link engine's state encoding (``LINK_STATE.state``)
+from .hdl.frame import LINK_COUNTERS, LinkState  # the link engine's state encoding (``LINK_STATE.state``)
 from .hostproto import PROTOCOL_VERSION, Status
 
 __all__ = [
@@ -315,16 +315,10 @@ PORT = Block("PORT", PORT_BASE, PORT_STRIDE, (
     _value("CHAN_ERROR_THRESHOLD", 0x04, Access.RW, 32,
            "Fault injection of the channel model: bit-error threshold (0 = no injected errors)."),
     _value("CHAN_CUT", 0x05, Access.RW, 1, "Fault injection: 1 cuts the channel (nothing gets through)."),
-    _counter("FRAMES_TX", 0x10, "Frames transmitted"),
-    _counter("FRAMES_RX", 0x11, "Frames received intact"),
-    _counter("CRC_ERRORS", 0x12, "Frames received with a bad CRC"),
-    _counter("MALFORMED", 0x13, "Frames received malformed"),
-    _counter("RETRANSMITS", 0x14, "Frames retransmitted"),
-    _counter("ABORTS", 0x15, "Transfers aborted"),
-    _counter("LINK_DOWNS", 0x16, "Transitions of the link to DOWN"),
-    _counter("DELIVERED", 0x17, "Messages delivered to the local consumer"),
+    *(_counter(name.upper(), 0x10 + i, text[0].upper() + text[1:])
+      for i, (name, text) in enumerate(LINK_COUNTERS.items())),
 ), description="One per link port p, at 0x100 + 0x40*p. Offsets 0x06-0x0F (control/status) "
-               "and 0x18-0x3F (counters) are reserved for more link registers.",
+               f"and 0x{0x10 + len(LINK_COUNTERS):02X}-0x3F (counters) are reserved for more link registers.",
    count=MAX_PORTS, stride=PORT_STRIDE)
 
 #: Ranges kept for blocks to come. Everything not in a block or here is unallocated.

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 __all__ = [
     "SYNC", "FrameType", "FLAG_CTRL", "FLAG_PROBE", "HELLO_FRESH", "HELLO_PEER_SEEN",
     "HEADER_BYTES", "TRAILER_BYTES", "OVERHEAD_BYTES", "HELLO_LEN", "REFLECT_LEN",
-    "LinkState", "Frame", "Hello", "crc32", "encode", "decode", "FrameError",
+    "LinkState", "LINK_COUNTERS", "Frame", "Hello", "crc32", "encode", "decode", "FrameError",
 ]
 
 SYNC = (0xD5, 0x6B)
@@ -56,6 +56,24 @@ TRAILER_BYTES = 2 + 4         # CCUR DCUR FCS
 OVERHEAD_BYTES = HEADER_BYTES + TRAILER_BYTES
 REFLECT_LEN = 4
 HELLO_LEN = 8
+
+
+#: Event counters of a link engine's ``status`` (name -> meaning), in register order: the
+#: one source for the gateware, the register map (``PORTp.<NAME>``) and the docs.
+LINK_COUNTERS = {
+    "frames_tx": "frames transmitted (all types)",
+    "frames_rx": "frames received with a good FCS",
+    "crc_errors": "frames dropped because their FCS did not match",
+    "framing_errors": "frames abandoned because their LEN exceeded the maximum",
+    "malformed": "frames with a good FCS but impossible fields (type, length, sequence): dropped",
+    "duplicates": "DATA frames for transfers already delivered: dropped",
+    "retransmits": "DATA frames sent again",
+    "aborts": "transfers rolled back by a link re-initialisation",
+    "link_downs": "transitions from UP to DOWN",
+    "reflect_mismatches": "REFLECTs whose digest differed from what was sent",
+    "delivered": "messages delivered on payload_out/ctrl_out",
+    "oversize": "input messages longer than max_payload: dropped whole",
+}
 
 
 class LinkState(enum.IntEnum):

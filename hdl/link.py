@@ -33,25 +33,11 @@ from amaranth.utils import exact_log2
 
 from .common import message_signature, phy_tx_signature, phy_rx_signature
 from .frame import (SYNC, FrameType, FLAG_CTRL, FLAG_PROBE, HELLO_FRESH, HELLO_PEER_SEEN,
-                    HELLO_LEN, REFLECT_LEN, LinkState)
+                    HELLO_LEN, REFLECT_LEN, LINK_COUNTERS, LinkState)
 
 __all__ = ["LinkEngine", "LinkStatusSignature", "COUNTERS"]
 
-#: Event counters reported in ``status`` (name -> meaning); one source for docs and registers.
-COUNTERS = {
-    "frames_tx": "frames transmitted (all types)",
-    "frames_rx": "frames received with a good FCS",
-    "crc_errors": "frames dropped because their FCS did not match",
-    "framing_errors": "frames abandoned because their LEN exceeded the maximum",
-    "malformed": "frames with a good FCS but impossible fields (type, length, sequence): dropped",
-    "duplicates": "DATA frames for transfers already delivered: dropped",
-    "retransmits": "DATA frames sent again",
-    "aborts": "transfers rolled back by a link re-initialisation",
-    "link_downs": "transitions from UP to DOWN",
-    "reflect_mismatches": "REFLECTs whose digest differed from what was sent",
-    "delivered": "messages delivered on payload_out/ctrl_out",
-    "oversize": "input messages longer than max_payload: dropped whole",
-}
+COUNTERS = LINK_COUNTERS
 
 
 class LinkStatusSignature(wiring.Signature):
