@@ -43,7 +43,7 @@ from ..hdl.common import phy_rx_signature, phy_tx_signature
 from ..hdl.frame import LINK_COUNTERS
 from ..hdl.serdes import SerialPHY, SerialReceiver, SerialTransmitter, divisor_for
 
-__all__ = ["NICCoreSignature", "PRBSGenerator", "PRBSChecker", "StatusReporter",
+__all__ = ["NICCoreSignature", "LiteChannel", "PRBSGenerator", "PRBSChecker", "StatusReporter",
            "SelfTestCore", "BoardTop", "CORES", "default_core", "HOST_BAUD", "LINK_BIT_RATE",
            "REPORT_LINE"]
 
@@ -379,6 +379,41 @@ class SelfTestCore(wiring.Component):
         return m
 
 
+class LiteChannel(wiring.Component):
+    """A slim :class:`~epochlink.hdl.channel.ChannelModel` for small FPGAs (delay 1, the
+    same ``tx``/``rx``/``error_threshold``/``cut`` ports, no bursts, no statistics).
+
+    Error events come from a 16-bit maximal-length LFSR compared with the top 16 bits of
+    ``error_threshold``: P(event per byte) is ``error_threshold[16:32] / 2**16`` (the low
+    16 bits are ignored, so the smallest nonzero rate is 2**-16 per byte), and an event flips
+    one bit chosen by three other LFSR bits. 0 injects nothing, as in the full model.
+    """
+
+    tx: In(phy_tx_signature())
+    rx: Out(phy_rx_signature())
+    error_threshold: In(32)
+    cut: In(1)
+
+    def __init__(self, *, seed=1):
+        self.seed = 1 + (seed * 0x9E37) % 0xFFFF
+        super().__init__()
+
+    def elaborate(self, platform):
+        m = Module()
+        lfsr = Signal(16, init=self.seed)
+        # Galois LFSR x^16 + x^14 + x^13 + x^11 + 1 (period 2**16 - 1, never 0)
+        m.d.sync += lfsr.eq((lfsr >> 1) ^ Mux(lfsr[0], 0xB400, 0))
+        event = Signal()
+        flip_bit = Signal(3)
+        m.d.sync += [event.eq(lfsr < self.error_threshold[16:]), flip_bit.eq(lfsr[5:8])]
+        # The random decision is registered: it applies to the next byte (same statistics).
+        flip = Cat(*(event & (flip_bit == i) for i in range(8)))
+        m.d.comb += self.tx.ready.eq(1)
+        m.d.sync += [self.rx.valid.eq(self.tx.valid & ~self.cut),
+                     self.rx.payload.eq(self.tx.payload ^ flip)]
+        return m
+
+
 class LinkNICCore(wiring.Component):
     """The epochlink NIC: one :class:`~epochlink.hdl.link.LinkEngine` per port, and the host
     link (:class:`~epochlink.hdl.hostlink.UARTHostLink`) with the register bank
@@ -407,11 +442,17 @@ class LinkNICCore(wiring.Component):
         Host UART baud rate (default: the host library's ``DEFAULT_BAUDRATE``).
     node_id : int
         This node's ``NODE_ID`` (16 bits), sent to peers during link bring-up.
-    window, max_payload : int
-        :class:`~epochlink.hdl.link.LinkEngine` parameters.
+    window, max_payload, counter_width : int
+        :class:`~epochlink.hdl.link.LinkEngine` parameters (board tops choose them, see
+        :attr:`BoardTop.nic_args`). With ``counter_width`` < 32 the counter registers wrap
+        at ``2**counter_width``.
+    channel : str
+        ``"full"``: a :class:`~epochlink.hdl.channel.ChannelModel` per port; ``"lite"``: a
+        :class:`LiteChannel` (16-bit error threshold resolution, for small FPGAs).
     """
 
-    def __init__(self, *, ports, clk_hz, baud=None, node_id=1, window=8, max_payload=64):
+    def __init__(self, *, ports, clk_hz, baud=None, node_id=1, window=8, max_payload=64,
+                 counter_width=32, channel="full"):
         from ..host.transport import DEFAULT_BAUDRATE
         from ..registers import MAX_PORTS
 
@@ -423,8 +464,12 @@ class LinkNICCore(wiring.Component):
         self.clk_hz = clk_hz
         self.baud = baud or DEFAULT_BAUDRATE
         self.node_id = node_id
+        if channel not in ("full", "lite"):
+            raise ValueError(f"channel must be 'full' or 'lite', not {channel!r}")
         self.window = window
         self.max_payload = max_payload
+        self.counter_width = counter_width
+        self.channel = channel
         super().__init__(NICCoreSignature(ports))
 
     def elaborate(self, platform):
@@ -453,9 +498,14 @@ class LinkNICCore(wiring.Component):
         fault = Signal(self.ports)
         for p in range(self.ports):
             reg = lambda name: bank.hw_port(f"PORT{p}.{name}")         # noqa: E731
-            m.submodules[f"engine{p}"] = engine = LinkEngine(window=self.window,
-                                                             max_payload=self.max_payload)
-            m.submodules[f"channel{p}"] = channel = ChannelModel(delay=1, seed=p + 1)
+            m.submodules[f"engine{p}"] = engine = LinkEngine(
+                window=self.window, max_payload=self.max_payload,
+                counter_width=self.counter_width)
+            if self.channel == "full":
+                channel = ChannelModel(delay=1, seed=p + 1)
+            else:
+                channel = LiteChannel(seed=p + 1)
+            m.submodules[f"channel{p}"] = channel
             phy_tx, phy_rx, status = self.phy_tx[p], self.phy_rx[p], engine.status
             control = reg("CONTROL")
             loopback = control.loopback
@@ -542,6 +592,8 @@ class BoardTop(Elaboratable):
     platform_class = None
     clk_hz = None
     max_ports = None
+    #: Default arguments of the ``"nic"`` core on this board (``core_args`` override them).
+    nic_args = {}
 
     def __init__(self, *, ports=2, core=None, bit_rate=LINK_BIT_RATE, core_args=None):
         try:
@@ -562,6 +614,8 @@ class BoardTop(Elaboratable):
             raise
         self.ports = ports
         self.bit_rate = self.clk_hz / self.divisor
+        if self.core_name == "nic":
+            core_args = {**self.nic_args, **(core_args or {})}
         self.core = factory(ports=ports, clk_hz=self.clk_hz, **(core_args or {}))
         self.phys = [SerialPHY(self.divisor) for _ in range(ports)]
 

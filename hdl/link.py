@@ -199,7 +199,8 @@ class _Deframer(Elaboratable):
         self.buf_addr = Signal(range((1 << slot_bits) * max_payload + 1))
         self.buf_data = Signal(8)
         self.buf_we = Signal()
-        # Results, valid in the cycle of frame_ok:
+        # Results, valid in the cycle of frame_ok (`end`: the cycle after the last FCS byte):
+        self.end = Signal()
         self.frame_ok = Signal()
         self.crc_error = Signal()
         self.framing_error = Signal()
@@ -222,14 +223,14 @@ class _Deframer(Elaboratable):
         byte = rx.payload
         index = Signal(8)
         check = Signal()
-        small_next = Signal(HELLO_LEN * 8)
-        m.d.comb += [fcs.data.eq(byte), small_next.eq(Cat(self.small[8:], byte))]
+        m.d.comb += fcs.data.eq(byte)
         m.d.comb += [self.buf_data.eq(byte),
                      self.buf_addr.eq(self.seq[:self._slot_bits] * self._max_payload + index)]
 
         # The FCS verdict is taken the cycle after the last FCS byte, while the FSM already
         # hunts for the next frame (the wire cannot be stalled).
         m.d.sync += check.eq(0)
+        m.d.comb += self.end.eq(check)
         with m.If(check):
             m.d.comb += [self.frame_ok.eq(fcs.match_detected), self.crc_error.eq(~fcs.match_detected)]
 
@@ -268,8 +269,12 @@ class _Deframer(Elaboratable):
             with m.State("PAYLOAD"):
                 with m.If(rx.valid):
                     m.d.comb += [fcs.valid.eq(1), self.buf_we.eq(self.wrote & (index < self._max_payload))]
-                    with m.If(index < HELLO_LEN):
-                        m.d.sync += self.small.eq(small_next)
+                    # Payload byte i (< 8) goes to small[8i:8i+8]; bytes of a shorter
+                    # payload above its length keep stale values and are never used.
+                    with m.Switch(index):
+                        for i in range(HELLO_LEN):
+                            with m.Case(i):
+                                m.d.sync += self.small[8 * i:8 * i + 8].eq(byte)
                     m.d.sync += index.eq(index + 1)
                     with m.If(index == self.length - 1):
                         m.next = "CCUR"
@@ -277,11 +282,6 @@ class _Deframer(Elaboratable):
                 with m.If(rx.valid):
                     m.d.comb += fcs.valid.eq(1)
                     m.d.sync += [self.ccur.eq(byte), self.digest.eq(fcs.crc)]
-                    # Short payloads were shifted in from the top: align them to byte 0.
-                    with m.Switch(self.length):
-                        for n in range(1, HELLO_LEN):
-                            with m.Case(n):
-                                m.d.sync += self.small.eq(self.small >> (8 * (HELLO_LEN - n)))
                     m.next = "DCUR"
             with m.State("DCUR"):
                 with m.If(rx.valid):
@@ -377,10 +377,12 @@ class LinkEngine(wiring.Component):
             return seq[:slot_bits]
 
         # ---- buffers -------------------------------------------------------------------
-        m.submodules.tx_buf = tx_buf = Memory(shape=8, depth=W * MAXP, init=[])
-        m.submodules.rx_buf = rx_buf = Memory(shape=8, depth=W * MAXP, init=[])
-        m.submodules.tx_digests = tx_digests = Memory(shape=32, depth=W, init=[])
-        m.submodules.rx_digests = rx_digests = Memory(shape=32, depth=W, init=[])
+        # Block RAM even when small (synthesis would otherwise build small ones from flip-flops).
+        block = {"ram_style": "block"}
+        m.submodules.tx_buf = tx_buf = Memory(shape=8, depth=W * MAXP, init=[], attrs=block)
+        m.submodules.rx_buf = rx_buf = Memory(shape=8, depth=W * MAXP, init=[], attrs=block)
+        m.submodules.tx_digests = tx_digests = Memory(shape=32, depth=W, init=[], attrs=block)
+        m.submodules.rx_digests = rx_digests = Memory(shape=32, depth=W, init=[], attrs=block)
         txb_w, txb_r = tx_buf.write_port(), tx_buf.read_port()
         rxb_w, rxb_r = rx_buf.write_port(), rx_buf.read_port()
         txd_w, txd_r = tx_digests.write_port(), tx_digests.read_port()
@@ -426,31 +428,51 @@ class LinkEngine(wiring.Component):
                 m.d.comb += part.bit_select(bit, 1).eq(1)
             masks[name].append(part)
 
-        def offsets(base):
-            """Per slot: its sequence distance from `base` (mod W), as a list of Values."""
-            return [(Const(i, slot_bits) - base[:slot_bits])[:slot_bits] for i in range(W)]
+        # Sequence-distance comparisons against small constants and ranges of slots, built
+        # from LUTs (no carry chains): on small FPGAs the many 8-bit `<`/`<=` of the
+        # original formulation dominated both area and the critical path.
+        def lt_w(value):
+            """value < W for an 8-bit distance."""
+            return value[slot_bits:] == 0
+
+        def le_w(value):
+            """value <= W for an 8-bit distance."""
+            return lt_w(value) | (value == W)
+
+        def low(value):
+            """A distance known to be <= W, in slot_bits + 1 bits."""
+            return value[:slot_bits + 1]
+
+        thermometer = Array(Const((1 << n) - 1, W) for n in range(W))
 
         def range_mask(base, count):
-            """Slots holding sequence numbers base .. base+count-1 (count <= W)."""
-            offs = offsets(base)
-            return Cat(*[offs[i] < count for i in range(W)])
+            """Slots holding sequence numbers base .. base+count-1 (all slots if count >= W)."""
+            therm = Mux(count[slot_bits:] != 0, Const((1 << W) - 1, W), thermometer[count[:slot_bits]])
+            return (Cat(therm, therm) << base[:slot_bits])[W:2 * W]
 
         tx_in_flight = _mod(tx_next - tx_free)
         tx_uncommitted = _mod(tx_next - tx_commit)
-        uncommitted_mask = range_mask(tx_commit, tx_uncommitted)
-        rx_committed_mask = range_mask(rx_next, _mod(rx_commit - rx_next))
+        # (tx_next - tx_commit and rx_commit - rx_next never exceed W)
+        uncommitted_mask = range_mask(tx_commit, low(tx_uncommitted))
+        rx_committed_mask = range_mask(rx_next, low(_mod(rx_commit - rx_next)))
 
         # ---- counters ------------------------------------------------------------------
         cw = self.counter_width
         counters = {name: Signal(cw, name=f"count_{name}") for name in COUNTERS}
         incr = {name: Signal(name=f"inc_{name}") for name in COUNTERS}
+        # The increment strobes are registered: a counter moves one cycle after its event,
+        # and no event logic reaches the counters' carry chains.
         for name in COUNTERS:
-            with m.If(incr[name]):
+            incr_r = Signal(name=f"inc_{name}_r")
+            m.d.sync += incr_r.eq(incr[name])
+            with m.If(incr_r):
                 m.d.sync += counters[name].eq(counters[name] + 1)
             m.d.comb += getattr(self.status, name).eq(counters[name])
         aborted = Signal(8)   # added to `aborts` (several at once)
-        with m.If(aborted != 0):
-            m.d.sync += counters["aborts"].eq(counters["aborts"] + aborted)
+        aborted_r = Signal(8)
+        m.d.sync += aborted_r.eq(aborted)
+        with m.If(aborted_r != 0):
+            m.d.sync += counters["aborts"].eq(counters["aborts"] + aborted_r)
         m.d.comb += [
             self.status.state.eq(Mux(incompatible, LinkState.INCOMPATIBLE,
                                      Mux(up, LinkState.UP, Mux(seen, LinkState.INIT, LinkState.DOWN)))),
@@ -462,6 +484,19 @@ class LinkEngine(wiring.Component):
             self.status.rx_commit.eq(rx_commit),
         ]
 
+        # ---- receive pipeline ------------------------------------------------------------
+        # A frame's verdict comes from the deframer in cycle `p1` (dfr.end). In p1 every
+        # check on the frame is evaluated from the deframer's latched fields and the cursors,
+        # and registered; in p2 the registered decisions are applied. Every other process that
+        # changes state the checks read (ingest, delivery, the commit cursor, the transmit
+        # scheduler, the timers) holds still in p1, so the state in p2 is the state the checks
+        # saw: the result is the same as processing the frame in one cycle, in p2. A new frame
+        # needs at least three bytes (SYNC, SYNC, TYPE) before any latched field changes, and
+        # its SEQ byte (the first one that reads the cursors) comes after p2.
+        p1 = dfr.end
+        p2 = Signal()
+        m.d.sync += p2.eq(p1)
+
         # ---- ingest: input messages into free replay-buffer slots ------------------------
         src_ctrl = Signal()
         in_index = Signal(8)
@@ -469,7 +504,7 @@ class LinkEngine(wiring.Component):
         m.d.comb += [txb_w.addr.eq(in_slot * MAXP + in_index)]
         with m.FSM(name="ingest"):
             with m.State("IDLE"):
-                with m.If(~fresh & (tx_in_flight < W)):
+                with m.If(~fresh & lt_w(tx_in_flight)):
                     m.d.sync += in_index.eq(0)
                     with m.If(self.ctrl_in.valid):
                         m.d.sync += src_ctrl.eq(1)
@@ -479,9 +514,10 @@ class LinkEngine(wiring.Component):
                         m.next = "COPY"
             with m.State("COPY"):
                 src = Signal.like(self.ctrl_in.payload)
-                valid = Mux(src_ctrl, self.ctrl_in.valid, self.payload_in.valid)
+                valid = Mux(src_ctrl, self.ctrl_in.valid, self.payload_in.valid) & ~p1
                 m.d.comb += [src.eq(Mux(src_ctrl, self.ctrl_in.payload, self.payload_in.payload)),
-                             self.ctrl_in.ready.eq(src_ctrl), self.payload_in.ready.eq(~src_ctrl),
+                             self.ctrl_in.ready.eq(src_ctrl & ~p1),
+                             self.payload_in.ready.eq(~src_ctrl & ~p1),
                              txb_w.data.eq(src.data)]
                 with m.If(valid):
                     m.d.comb += txb_w.en.eq(1)
@@ -509,10 +545,11 @@ class LinkEngine(wiring.Component):
         dl_slot = slot_of(rx_next)
         dl_ctrl = rx_ctrl.bit_select(dl_slot, 1)
         delivered = Signal()
+        dl_finish = Signal()    # the last byte went out in p1: advance rx_next in p2
         m.d.comb += [rxb_r.addr.eq(dl_slot * MAXP + out_index), rxb_r.en.eq(0)]
         with m.FSM(name="deliver"):
             with m.State("IDLE"):
-                with m.If((rx_next != rx_commit) & rx_valid.bit_select(dl_slot, 1)):
+                with m.If((rx_next != rx_commit) & rx_valid.bit_select(dl_slot, 1) & ~dl_finish):
                     m.d.comb += [rxb_r.en.eq(1), rxb_r.addr.eq(dl_slot * MAXP)]
                     m.d.sync += out_index.eq(1)
                     m.next = "STREAM"
@@ -527,9 +564,12 @@ class LinkEngine(wiring.Component):
                     m.d.sync += out_index.eq(out_index + 1)
                     with m.If(last):
                         m.d.comb += [delivered.eq(1), incr["delivered"].eq(1)]
-                        drive("rxv_clr", bit=dl_slot)
-                        m.d.sync += rx_next.eq(rx_next + 1)
+                        with m.If(p1):
+                            m.d.sync += dl_finish.eq(1)
                         m.next = "IDLE"
+        with m.If((delivered & ~p1) | dl_finish):
+            m.d.sync += [rx_next.eq(rx_next + 1), dl_finish.eq(0)]
+            drive("rxv_clr", bit=dl_slot)
 
         # ---- timers ----------------------------------------------------------------------
         def timer(limit):
@@ -569,7 +609,7 @@ class LinkEngine(wiring.Component):
                      ser.buf_data.eq(txb_r.data), txb_r.addr.eq(ser.buf_addr), txb_r.en.eq(ser.buf_en)]
 
         sending_data = Signal()
-        with m.If(~ser.busy & self.enable):
+        with m.If(~ser.busy & self.enable & ~p1):
             with m.If(hello_due & ~up):
                 m.d.comb += [ser.start.eq(1), ser.type_byte.eq(FrameType.HELLO),
                              ser.length.eq(HELLO_LEN), ser.small.eq(hello_fields)]
@@ -607,7 +647,7 @@ class LinkEngine(wiring.Component):
 
         # ---- receive processing ------------------------------------------------------------
         rx_window_off = _mod(dfr.seq_now - rx_next)
-        m.d.comb += dfr.write_allowed.eq((rx_window_off < W) & ~rx_valid.bit_select(slot_of(dfr.seq_now), 1))
+        m.d.comb += dfr.write_allowed.eq(lt_w(rx_window_off) & ~rx_valid.bit_select(slot_of(dfr.seq_now), 1))
         m.d.comb += [rxb_w.addr.eq(dfr.buf_addr), rxb_w.data.eq(dfr.buf_data), rxb_w.en.eq(dfr.buf_we)]
         # digest lookups by SEQ, ready long before the frame ends
         m.d.comb += [txd_r.addr.eq(slot_of(dfr.seq_now)), txd_r.en.eq(dfr.seq_valid),
@@ -615,24 +655,82 @@ class LinkEngine(wiring.Component):
 
         f_type, f_seq, f_len = dfr.type, dfr.seq, dfr.length
         f_slot = slot_of(f_seq)
-        len_ok = Mux(f_type == FrameType.DATA, (f_len != 0) & (f_len <= MAXP),
-                 Mux(f_type == FrameType.REFLECT, f_len == REFLECT_LEN,
-                 Mux(f_type == FrameType.SIGNAL, f_len == 0,
-                 Mux(f_type == FrameType.HELLO, f_len == HELLO_LEN, 0))))
-        data_off = _mod(f_seq - rx_next)
-        data_in_window = data_off < W
-        data_behind = _mod(rx_next - f_seq) <= W
-        refl_off = _mod(f_seq - tx_commit)
-        refl_live = refl_off < tx_uncommitted
-        refl_behind = _mod(tx_commit - f_seq) <= W
-        seq_ok = Mux(f_type == FrameType.DATA, data_in_window | data_behind,
-                 Mux(f_type == FrameType.REFLECT, refl_live | refl_behind, 1))
-        well_formed = len_ok & seq_ok
+        h = dfr.small
+        p_node, p_vmin, p_vmax, p_flags = h[0:16], h[16:24], h[24:32], h[32:40]
+        p_tx_base, p_rx_commit, p_rx_next = h[40:48], h[48:56], h[56:64]
+        p_fresh, p_seen = p_flags[0], p_flags[1]
 
+        # -- p1: the checks, registered (each `c_*` is valid in p2) --
+        def check(name, value, width=1):
+            reg = Signal(width, name=f"c_{name}")
+            m.d.sync += reg.eq(value)
+            return reg
+
+        is_data, is_reflect = f_type == FrameType.DATA, f_type == FrameType.REFLECT
+        is_signal, is_hello = f_type == FrameType.SIGNAL, f_type == FrameType.HELLO
+        len_ok = Mux(is_data, (f_len != 0) & (f_len <= MAXP),
+                 Mux(is_reflect, f_len == REFLECT_LEN,
+                 Mux(is_signal, f_len == 0,
+                 Mux(is_hello, f_len == HELLO_LEN, 0))))
+        data_in_window = lt_w(_mod(f_seq - rx_next))
+        data_behind = le_w(_mod(rx_next - f_seq))
+        # live: f_seq in [tx_commit, tx_next) (at most W transfers)
+        refl_live = lt_w(_mod(f_seq - tx_commit)) & uncommitted_mask.bit_select(f_slot, 1)
+        refl_behind = le_w(_mod(tx_commit - f_seq))
+        seq_ok = Mux(is_data, data_in_window | data_behind,
+                 Mux(is_reflect, refl_live | refl_behind, 1))
+        c_well_formed = check("well_formed", len_ok & seq_ok)
+        c_data = check("data", is_data)
+        c_reflect = check("reflect", is_reflect)
+        c_signal = check("signal", is_signal)
+        c_hello = check("hello", is_hello)
+        c_in_window = check("in_window", data_in_window)
+        c_held = check("held", rx_valid.bit_select(f_slot, 1))
+        c_refl_ok = check("refl_ok", refl_live & ~reflected.bit_select(f_slot, 1) & sent.bit_select(f_slot, 1))
+        c_digest_ok = check("digest_ok", dfr.small[:32] == txd_r.data)
+        # The wire keeps order: anything sent before this transfer and still unreflected
+        # was lost.
+        order = tx_order[f_slot]
+        c_lost = check("lost", Cat(*[sent[i] & ~reflected[i] & ~need_send[i] & uncommitted_mask[i] &
+                                     (_mod(order - tx_order[i] - 1) < 127) for i in range(W)]), W)
+
+        agreed = Mux(p_vmax < self.ver_max, p_vmax, self.ver_max)
+        lowest = Mux(p_vmin > self.ver_min, p_vmin, self.ver_min)
+        c_compatible = check("compatible", agreed >= lowest)
+        c_agreed = check("agreed", agreed, 8)
+
+        # The peer's commit cursor for what we receive: it only moves forward, over held
+        # transfers, at most W ahead of rx_next.
+        ccur_off = _mod(dfr.ccur - rx_next)
+        ccur_held = (range_mask(rx_next, ccur_off) & ~rx_valid) == 0
+        c_ccur_ok = check("ccur_ok", le_w(ccur_off) & (low(ccur_off) >= low(_mod(rx_commit - rx_next))) & ccur_held)
+        # The peer's delivery cursor for what we send: frees our copies up to tx_commit.
+        dcur_off = _mod(dfr.dcur - tx_free)
+        c_dcur_ok = check("dcur_ok", (dcur_off != 0) & le_w(dcur_off) &
+                          (low(dcur_off) <= low(_mod(tx_commit - tx_free))))
+        c_dcur_freed = check("dcur_freed", range_mask(tx_free, low(dcur_off)), W)
+
+        # Reconciliation with a HELLO when we are not fresh: the peer committed everything
+        # before p_rx_commit and delivered everything before p_rx_next.
+        commit_off = _mod(p_rx_commit - tx_free)
+        next_off = _mod(p_rx_next - tx_free)
+        peer_ok = (~p_fresh & le_w(commit_off) & (low(commit_off) <= low(tx_in_flight)) &
+                   le_w(next_off) & (low(next_off) <= low(commit_off)))
+        new_commit = Mux(peer_ok, p_rx_commit, tx_free)
+        c_new_free = check("new_free", Mux(peer_ok, p_rx_next, tx_free), 8)
+        c_new_commit = check("new_commit", new_commit, 8)
+        c_rec_freed = check("rec_freed", Mux(peer_ok, range_mask(tx_free, low(next_off)), 0), W)
+        redo_count = _mod(tx_next - new_commit)
+        c_redo = check("redo", range_mask(new_commit, low(redo_count)), W)
+        c_redo_count = check("redo_count", redo_count, 8)
+
+        # -- p2: apply --
+        frame_ok = Signal()
+        m.d.sync += frame_ok.eq(dfr.frame_ok)
         m.d.comb += incr["crc_errors"].eq(dfr.crc_error), incr["framing_errors"].eq(dfr.framing_error)
-        with m.If(dfr.frame_ok):
+        with m.If(frame_ok):
             m.d.comb += incr["frames_rx"].eq(1)
-            with m.If(~well_formed):
+            with m.If(~c_well_formed):
                 m.d.comb += incr["malformed"].eq(1)
 
         # Going down: abort tentative (uncommitted) transfers held for the peer.
@@ -645,24 +743,16 @@ class LinkEngine(wiring.Component):
             with m.If(up):
                 m.d.comb += incr["link_downs"].eq(1)
 
-        h = dfr.small
-        p_node, p_vmin, p_vmax, p_flags = h[0:16], h[16:24], h[24:32], h[32:40]
-        p_tx_base, p_rx_commit, p_rx_next = h[40:48], h[48:56], h[56:64]
-        p_fresh, p_seen = p_flags[0], p_flags[1]
-        agreed = Mux(p_vmax < self.ver_max, p_vmax, self.ver_max)
-        lowest = Mux(p_vmin > self.ver_min, p_vmin, self.ver_min)
-        compatible = agreed >= lowest
-
         accept = Signal()   # a non-HELLO frame that the link state admits
-        with m.If(dfr.frame_ok & well_formed & self.enable):
-            with m.If(f_type == FrameType.HELLO):
+        with m.If(frame_ok & c_well_formed & self.enable):
+            with m.If(c_hello):
                 m.d.comb += heard.eq(1)
                 m.d.sync += peer_id.eq(p_node)
-                with m.If(~compatible):
+                with m.If(~c_compatible):
                     m.d.sync += incompatible.eq(1)
                     m.d.comb += go_down.eq(1)
                 with m.Else():
-                    m.d.sync += [incompatible.eq(0), version.eq(agreed)]
+                    m.d.sync += [incompatible.eq(0), version.eq(c_agreed)]
                     with m.If(up):
                         with m.If(~p_seen):
                             # The peer went down or restarted: so do we, then answer it.
@@ -696,89 +786,76 @@ class LinkEngine(wiring.Component):
                 drive("need_clr", ~0)
                 drive("refl_set", ~0)
             with m.Else():
-                # The peer committed everything before p_rx_commit and delivered everything
-                # before p_rx_next; the rest of what we sent never happened: send it again.
-                commit_off = _mod(p_rx_commit - tx_free)
-                peer_ok = ~p_fresh & (commit_off <= tx_in_flight) & (_mod(p_rx_next - tx_free) <= commit_off)
-                new_free = Mux(peer_ok, p_rx_next, tx_free)
-                new_commit = Mux(peer_ok, p_rx_commit, tx_free)
-                freed = range_mask(tx_free, _mod(new_free - tx_free))
-                redo = range_mask(new_commit, _mod(tx_next - new_commit))
-                m.d.sync += [tx_free.eq(new_free), tx_commit.eq(new_commit)]
-                drive("need_clr", freed)
-                drive("refl_clr", freed | redo)
-                drive("need_set", redo)
+                # The rest of what we sent never happened: send it again.
+                m.d.sync += [tx_free.eq(c_new_free), tx_commit.eq(c_new_commit)]
+                drive("need_clr", c_rec_freed)
+                drive("refl_clr", c_rec_freed | c_redo)
+                drive("need_set", c_redo)
                 # Tentative transfers from the peer are aborted; what it committed is
                 # still delivered here (also when the peer has restarted since).
                 drive("rxv_clr", ~rx_committed_mask)
                 with m.If(~seen):
-                    m.d.comb += aborted.eq(_mod(tx_next - new_commit))
+                    m.d.comb += aborted.eq(c_redo_count)
 
         # Cursors from an accepted frame.
         with m.If(accept):
-            # The peer's commit cursor for what we receive: it only moves forward.
-            ccur_off = _mod(dfr.ccur - rx_next)
-            ccur_held = (range_mask(rx_next, ccur_off) & ~rx_valid) == 0
-            with m.If((ccur_off <= W) & (ccur_off >= _mod(rx_commit - rx_next)) & ccur_held):
+            with m.If(c_ccur_ok):
                 m.d.sync += rx_commit.eq(dfr.ccur)
-            # The peer's delivery cursor for what we send: free our copies.
-            dcur_off = _mod(dfr.dcur - tx_free)
-            with m.If((dcur_off != 0) & (dcur_off <= _mod(tx_commit - tx_free))):
-                freed = range_mask(tx_free, dcur_off)
+            with m.If(c_dcur_ok):
                 m.d.sync += tx_free.eq(dfr.dcur)
                 m.d.comb += progress.eq(1)
-                drive("refl_clr", freed)
-                drive("need_clr", freed)
+                drive("refl_clr", c_dcur_freed)
+                drive("need_clr", c_dcur_freed)
 
-            with m.Switch(f_type):
-                with m.Case(FrameType.DATA):
-                    with m.If(data_in_window):
-                        with m.If(dfr.wrote):
-                            m.d.sync += [rx_len[f_slot].eq(f_len)]
-                            m.d.sync += rx_ctrl.bit_select(f_slot, 1).eq(dfr.flags[_flag_bit(FLAG_CTRL)])
-                            drive("rxv_set", bit=f_slot)
-                            m.d.comb += [rxd_w.addr.eq(f_slot), rxd_w.data.eq(dfr.digest), rxd_w.en.eq(1),
-                                         reflect_q.w_data.eq(Cat(f_seq, dfr.digest)),
-                                         reflect_q.w_en.eq(1)]
-                        with m.Elif(rx_valid.bit_select(f_slot, 1)):
-                            # Held already: reflect what we hold, not what just arrived.
-                            m.d.comb += [reflect_q.w_data.eq(Cat(f_seq, rxd_r.data)), reflect_q.w_en.eq(1)]
-                    with m.Else():
-                        m.d.comb += incr["duplicates"].eq(1)
-                with m.Case(FrameType.REFLECT):
-                    with m.If(refl_live & ~reflected.bit_select(f_slot, 1) & sent.bit_select(f_slot, 1)):
-                        with m.If(dfr.small[:32] == txd_r.data):
-                            m.d.comb += progress.eq(1)
-                            drive("refl_set", bit=f_slot)
-                            # The wire keeps order: anything sent before this transfer and
-                            # still unreflected was lost. Send it again now.
-                            order = tx_order[f_slot]
-                            lost = Cat(*[sent[i] & ~reflected[i] & ~need_send[i] & uncommitted_mask[i] &
-                                         (_mod(order - tx_order[i] - 1) < 127) for i in range(W)])
-                            drive("need_set", lost)
-                        with m.Else():
-                            m.d.comb += [incr["reflect_mismatches"].eq(1), go_down.eq(1)]
-                with m.Case(FrameType.SIGNAL):
-                    with m.If(dfr.flags[_flag_bit(FLAG_PROBE)]):
-                        m.d.sync += probe_reply_due.eq(1)
+            with m.If(c_data):
+                with m.If(c_in_window):
+                    with m.If(dfr.wrote):
+                        m.d.sync += [rx_len[f_slot].eq(f_len)]
+                        m.d.sync += rx_ctrl.bit_select(f_slot, 1).eq(dfr.flags[_flag_bit(FLAG_CTRL)])
+                        drive("rxv_set", bit=f_slot)
+                        m.d.comb += [rxd_w.addr.eq(f_slot), rxd_w.data.eq(dfr.digest), rxd_w.en.eq(1),
+                                     reflect_q.w_data.eq(Cat(f_seq, dfr.digest)),
+                                     reflect_q.w_en.eq(1)]
+                    with m.Elif(c_held):
+                        # Held already: reflect what we hold, not what just arrived.
+                        m.d.comb += [reflect_q.w_data.eq(Cat(f_seq, rxd_r.data)), reflect_q.w_en.eq(1)]
+                with m.Else():
+                    m.d.comb += incr["duplicates"].eq(1)
+            with m.If(c_reflect & c_refl_ok):
+                with m.If(c_digest_ok):
+                    m.d.comb += progress.eq(1)
+                    drive("refl_set", bit=f_slot)
+                    # Everything sent before it and still unreflected was lost: send it again.
+                    drive("need_set", c_lost)
+                with m.Else():
+                    m.d.comb += [incr["reflect_mismatches"].eq(1), go_down.eq(1)]
+            with m.If(c_signal & dfr.flags[_flag_bit(FLAG_PROBE)]):
+                m.d.sync += probe_reply_due.eq(1)
 
         # Commit: advance over contiguous reflected transfers, one per cycle.
-        with m.If(~reconcile & (tx_commit != tx_next) & reflected.bit_select(slot_of(tx_commit), 1)):
+        with m.If(~reconcile & ~p1 & (tx_commit != tx_next) & reflected.bit_select(slot_of(tx_commit), 1)):
             m.d.sync += tx_commit.eq(tx_commit + 1)
 
         # ---- liveness and retransmission ---------------------------------------------------
+        # (both timers hold in p1)
+        dead_expired = Signal()
         with m.If(heard | ~up):
-            m.d.sync += dead_timer.eq(0)
-        with m.Else():
+            m.d.sync += [dead_timer.eq(0), dead_expired.eq(0)]
+        with m.Elif(~p1):
             m.d.sync += dead_timer.eq(dead_timer + 1)
-            with m.If(dead_timer >= self.dead_cycles - 1):
+            m.d.sync += dead_expired.eq(dead_timer == self.dead_cycles - 2)
+            with m.If(dead_expired):
                 m.d.comb += go_down.eq(1)
-        with m.If(~self.enable & up):
+        disabled = Signal()     # `enable` fell in p1: go down in p2
+        m.d.sync += disabled.eq(p1 & ~self.enable)
+        with m.If((~self.enable & ~p1 | disabled) & up):
             m.d.comb += go_down.eq(1)
 
         waiting = (sent & ~reflected & ~need_send & uncommitted_mask) != 0
         outstanding = waiting | (tx_free != tx_commit)
-        with m.If(progress | ~outstanding | ~up):
+        with m.If(p1):
+            pass
+        with m.Elif(progress | ~outstanding | ~up):
             m.d.sync += retx_timer.eq(0)
         with m.Elif(retx_timer >= self.retx_cycles - 1):
             m.d.sync += retx_timer.eq(0)

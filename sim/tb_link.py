@@ -183,33 +183,36 @@ def seq_in(seq, lo, hi):
 
 @dataclass
 class Scoreboard:
-    """What the contract allows for each message, from the faults seen so far."""
+    """What the contract allows for each message of one direction (``sender`` to
+    ``receiver``), from the faults seen so far."""
+    sender: str = "a"
+    receiver: str = "b"
     may_duplicate: set = field(default_factory=set)   # committed at A, not freed, at a B reset
     may_lose: set = field(default_factory=set)        # held by A, not committed at B, at an A reset
     must_deliver: set = field(default_factory=set)    # committed at B at an A reset
     events: list = field(default_factory=list)
 
-    def in_flight(self, source: MessageSource, dut, node="a"):
+    def in_flight(self, source: MessageSource, dut):
         current = [m for m in source.accepted if m.incarnation == source.incarnation]
-        n = status(dut, node, "in_flight")
+        n = status(dut, self.sender, "in_flight")
         return current[len(current) - n:] if n else []
 
-    def on_reset_b(self, dut, source, cycle):
-        tx_free, tx_commit = status(dut, "a", "tx_free"), status(dut, "a", "tx_commit")
+    def on_reset_receiver(self, dut, source, cycle):
+        tx_free, tx_commit = status(dut, self.sender, "tx_free"), status(dut, self.sender, "tx_commit")
         held = self.in_flight(source, dut)
         dup = [m.ident for m in held if seq_in(m.seq, tx_free, tx_commit)]
         self.may_duplicate.update(dup)
-        self.events.append({"cycle": cycle, "fault": "reset_b", "in_flight": len(held),
+        self.events.append({"cycle": cycle, "fault": f"reset_{self.receiver}", "in_flight": len(held),
                             "committed_not_freed": len(dup)})
 
-    def on_reset_a(self, dut, source, delivered_idents, cycle):
-        rx_next, rx_commit = status(dut, "b", "rx_next"), status(dut, "b", "rx_commit")
+    def on_reset_sender(self, dut, source, delivered_idents, cycle):
+        rx_next, rx_commit = status(dut, self.receiver, "rx_next"), status(dut, self.receiver, "rx_commit")
         held = [m for m in self.in_flight(source, dut) if m.ident not in delivered_idents]
         committed = [m.ident for m in held if seq_in(m.seq, rx_next, rx_commit)]
         tentative = [m.ident for m in held if m.ident not in committed]
         self.must_deliver.update(committed)
         self.may_lose.update(tentative)
-        self.events.append({"cycle": cycle, "fault": "reset_a", "in_flight": len(held),
+        self.events.append({"cycle": cycle, "fault": f"reset_{self.sender}", "in_flight": len(held),
                             "committed_at_b": len(committed), "tentative": len(tentative)})
 
     def check(self, sent: list[Message], delivered: list[bytes]):
@@ -235,8 +238,12 @@ class Scoreboard:
         return counts
 
 
-async def inject_faults(dut, cfg, rng, source, sink, scoreboard, until_cycle):
-    """Cuts and node resets at random times, until ``until_cycle``."""
+async def inject_faults(dut, cfg, rng, directions, until_cycle):
+    """Cuts and node resets at random times, until ``until_cycle``.
+
+    ``directions``: (source, sink, scoreboard) per traffic direction; the first is A->B.
+    """
+    scoreboard = directions[0][2]
     cuts, resets = cfg.get("cuts", 0), cfg.get("resets", [])
     if not cuts and not resets:
         return
@@ -258,20 +265,22 @@ async def inject_faults(dut, cfg, rng, source, sink, scoreboard, until_cycle):
             await ClockCycles(dut.clk, length)
             dut.ab_cut.value = 0
             dut.ba_cut.value = 0
-        elif fault == "reset_a":
-            delivered = {int.from_bytes(d[:4], "little") for d in sink.messages}
-            scoreboard.on_reset_a(dut, source, delivered, cycle)
-            dut.a_rst.value = 1
-            source.abort_current()
+        else:
+            node = fault[-1]
+            for source, sink, board in directions:
+                if board.sender == node:
+                    delivered = {int.from_bytes(d[:4], "little") for d in sink.messages}
+                    board.on_reset_sender(dut, source, delivered, cycle)
+                    source.abort_current()
+                else:
+                    board.on_reset_receiver(dut, source, cycle)
+                    sink.abort_current()
+            sig(dut, f"{node}_rst").value = 1
             await ClockCycles(dut.clk, 3)
-            dut.a_rst.value = 0
-        elif fault == "reset_b":
-            scoreboard.on_reset_b(dut, source, cycle)
-            dut.b_rst.value = 1
-            sink.abort_current()
-            await ClockCycles(dut.clk, 3)
-            dut.b_rst.value = 0
-            sink.reset_done()
+            sig(dut, f"{node}_rst").value = 0
+            for source, sink, board in directions:
+                if board.receiver == node:
+                    sink.reset_done()
 
 
 @cocotb.test()
@@ -299,8 +308,12 @@ async def stream_integrity(dut):
         cocotb.start_soon(reverse_source.run())
         cocotb.start_soon(reverse_sink.run())
 
-    scoreboard = Scoreboard()
-    await inject_faults(dut, cfg, rng, source, sink, scoreboard, cfg.get("fault_cycles", 60000))
+    scoreboard = Scoreboard("a", "b")
+    reverse_scoreboard = Scoreboard("b", "a")
+    directions = [(source, sink, scoreboard)]
+    if cfg.get("bidirectional"):
+        directions.append((reverse_source, reverse_sink, reverse_scoreboard))
+    await inject_faults(dut, cfg, rng, directions, cfg.get("fault_cycles", 60000))
 
     # Faults have stopped: liveness. Everything offered must be taken in, delivered and freed.
     limit = cfg.get("max_cycles", 400000)
@@ -320,7 +333,7 @@ async def stream_integrity(dut):
 
     counts = scoreboard.check(source.accepted, sink.messages)
     if cfg.get("bidirectional"):
-        Scoreboard().check(reverse_source.accepted, reverse_sink.messages)
+        reverse_scoreboard.check(reverse_source.accepted, reverse_sink.messages)
     counters = {f"{node}_{name}": status(dut, node, name) for node in ("a", "b")
                 for name in ("frames_tx", "frames_rx", "crc_errors", "framing_errors", "malformed",
                              "duplicates", "retransmits", "aborts", "link_downs", "delivered")}
