@@ -1,0 +1,597 @@
+"""The epoch engine: per-node epoch registers and Conv(P,e) over a tree of links.
+
+Each node keeps, per persistence domain, the epoch its host has made durable (PERSISTED) and
+an enable bit; LOCAL is the lattice meet (minimum) over the enabled domains. Over a tree of
+links, set up by the host through port roles, every node reports the meet of its subtree to
+its parent; the root turns the meet of the whole tree into COMMITTED and every node passes
+COMMITTED down to its children. Reports combine as a min and COMMITTED spreads as a max, both
+monotone, so lost, repeated or stale messages are harmless. The message format and the
+command/role/status encodings live in :mod:`epochlink.hdl.epoch_format`; the pure-Python
+reference model is :mod:`epochlink.sim.epoch_model`.
+
+Why it is safe (fixed tree, hosts restoring as described in :class:`EpochEngine`): every REPORT
+a node sends is at most the durable epoch of every enabled domain in its subtree, because LOCAL
+is a min over its domains, a child's stored report was such a bound when it was sent, durable
+epochs only rise, and ENABLE refuses to bring in a domain below what the node has already
+reported or learned as committed (its floor). The root's COMMITTED is a REPORT of the whole
+tree, so it is a bound for every domain of every node; a COMMITTED copied from a neighbour is
+one the root issued earlier, hence still a bound (a certificate). Nothing is ever lowered.
+"""
+from amaranth import Array, Cat, Const, Module, Mux, Signal
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+from .common import message_signature
+from .epoch_format import (CMD_VALUE_BITS, FLAG_SOLICIT, MSG_LEN, VERSION_BITS, CmdStatus,
+                           MsgType, Op, Role)
+
+__all__ = ["EpochCommand", "EpochResponse", "EpochPortStatusSignature", "EpochStatusSignature",
+           "EpochEngine"]
+
+
+class EpochCommand(data.Struct):
+    """A host command (:class:`~epochlink.hdl.epoch_format.Op`) on a domain or a port."""
+    op: 3
+    index: 8
+    value: CMD_VALUE_BITS
+
+
+class EpochResponse(data.Struct):
+    """The answer to one :class:`EpochCommand`.
+
+    For PERSIST, ENABLE and READ, ``value`` is the domain's PERSISTED after the command and
+    ``enabled`` its enable bit (0 and 0 while the domain is disabled or absent); for the other
+    commands both are 0 (their state is on ``status``).
+    """
+    status: 3      #: :class:`~epochlink.hdl.epoch_format.CmdStatus`
+    enabled: 1
+    value: CMD_VALUE_BITS
+
+
+class EpochPortStatusSignature(wiring.Signature):
+    """Status of one link port of an epoch engine."""
+    def __init__(self, epoch_width=32):
+        super().__init__({
+            "role": Out(2),                     #: :class:`~epochlink.hdl.epoch_format.Role`
+            "heard": Out(1),                    #: CHILD: has reported; PARENT: sent a COMMIT
+            "child_report": Out(epoch_width),   #: highest REPORT received (valid if heard)
+            "child_version": Out(VERSION_BITS),  #: version in the latest REPORT
+        })
+
+
+class EpochStatusSignature(wiring.Signature):
+    """Status of an epoch engine, ready for a register bank."""
+    def __init__(self, domains=8, ports=2, epoch_width=32, counter_width=32):
+        W = epoch_width
+        super().__init__({
+            "online": Out(1),
+            "enabled": Out(domains),
+            "local": Out(W),
+            "local_valid": Out(1),          #: 0: no enabled domain ("none")
+            "report": Out(W),
+            "report_valid": Out(1),         #: LOCAL valid and every CHILD port has reported
+            "report_sent": Out(W),          #: last REPORT sent to the parent (0: none yet)
+            "committed": Out(W),
+            "active": Out(VERSION_BITS),
+            "version_report": Out(VERSION_BITS),     #: min ACTIVE of the subtree
+            "version_converged": Out(VERSION_BITS),  #: cluster min ACTIVE (0: not known yet)
+            "refused": Out(counter_width),
+            "malformed": Out(counter_width),
+            "misrouted": Out(counter_width),
+            "port": Out(EpochPortStatusSignature(W)).array(ports),
+        })
+
+
+def _port_signals(name, count, shape, **kwargs):
+    return Array(Signal(shape, name=f"{name}{i}", **kwargs) for i in range(count))
+
+
+class EpochEngine(wiring.Component):
+    """Epoch registers of one node and the report/commit protocol on its link ports.
+
+    Parameters
+    ----------
+    domains : int
+        Persistence domains D (1..256).
+    ports : int
+        Link ports P (1..16).
+    epoch_width : int
+        Width of epochs (1..32). Messages always carry 32-bit fields; a received epoch that
+        does not fit is malformed, a command value that does not fit is ILLEGAL.
+    counter_width : int
+        Width of the ``refused``, ``malformed`` and ``misrouted`` counters (wrapping).
+
+    Attributes
+    ----------
+    cmd : In(stream.Signature(EpochCommand))
+        Host commands, one at a time; each gets exactly one response on ``rsp``. Semantics
+        (statuses from :class:`~epochlink.hdl.epoch_format.CmdStatus`; any status but OK
+        changes nothing and increments ``status.refused``):
+
+        * ``PERSIST d e``: BAD_INDEX if d >= D, DISABLED if d is disabled, LOWER if
+          e < PERSISTED[d], else PERSISTED[d] := e (equal: OK, no change).
+        * ``ENABLE d e``: LOWER if d is enabled and e < PERSISTED[d], or if e < the node's
+          floor = max(COMMITTED, last REPORT sent); else PERSISTED[d] := e, enabled.
+        * ``DISABLE d``, ``READ d``: BAD_INDEX if d >= D; else OK.
+        * ``ROLE p r``: BAD_INDEX if p >= P; ILLEGAL if r is not a
+          :class:`~epochlink.hdl.epoch_format.Role` or r = PARENT while another port is
+          PARENT; else the port forgets what it heard and (if not OFF) sends its state.
+        * ``ACTIVE v``: ILLEGAL unless 1 <= v <= 255. ``ONLINE b``: ILLEGAL unless b <= 1.
+        * other ops: ILLEGAL.
+    rsp : Out(stream.Signature(EpochResponse))
+        The command stays on ``cmd`` (``ready`` low) until its response is taken: a command
+        is complete when ``rsp.valid & rsp.ready``. The engine does nothing else meanwhile,
+        so ``rsp`` must be taken promptly. LOCAL and REPORT on ``status`` follow a command
+        once the engine has rescanned (about D + P + 4 cycles after the last command).
+    rsp : Out(stream.Signature(EpochResponse))
+    ctrl_in, ctrl_out : arrays of P :func:`~epochlink.hdl.common.message_signature` streams
+        To and from the link engine of each port (its ``ctrl_out``/``ctrl_in``). Received
+        messages are taken one at a time, whole: a source must not pause inside a message
+        while its link is up (a link engine never does).
+    link_up : array of P inputs
+        1 while the port's link is UP. Messages start only while it is 1; a rising edge
+        resends the port's state; a message that stops arriving while it is 0 is dropped.
+    status : Out(EpochStatusSignature)
+
+    Protocol
+    --------
+    LOCAL is "none" (``local_valid`` = 0) while no domain is enabled; then the node's REPORT is
+    invalid, it sends no REPORT and its parent (or, at the root, the commit) waits: a node
+    without enabled domains blocks the cluster rather than letting COMMITTED pass anything.
+    REPORT = min(LOCAL, highest REPORT received on each CHILD port), version_report =
+    min(ACTIVE, latest version of each CHILD port); REPORT is valid once LOCAL is valid and
+    every CHILD port has reported since this node's reset or the port's last ROLE write.
+
+    * An ``online`` node with a PARENT port sends REPORT there when it changes (in a fixed
+      tree it only rises), when the link comes up and when the parent solicits it.
+    * An ``online`` node without a PARENT port is the root: COMMITTED := max(COMMITTED,
+      REPORT) and version_converged := version_report whenever REPORT is valid.
+    * Every node adopts COMMITTED := max(COMMITTED, c) for the COMMITTED field c of every
+      accepted message (a certificate), takes version_converged from its parent's COMMIT,
+      and sends COMMIT to its CHILD ports when either changes, on link-up and on solicit.
+    * A message carries SOLICIT while its port has not heard from the neighbour; the
+      neighbour answers with its state. So roles set after a link came up still converge.
+
+    Out of reset a node is offline with every port OFF. Its host restores it: ENABLE every
+    domain at its durable epoch, ROLE every port, ACTIVE, then ONLINE, so a half-restored node
+    never reports or commits. Safety rests on two host duties the engine cannot check across a
+    reset: a domain enabled after a reset was enabled before (or comes in at an epoch no
+    lower than anything the node reported), and roles describe a fixed tree (a subtree that
+    joins an existing tree must not hold a domain below the cluster's COMMITTED). Turning the
+    PARENT port OFF makes the node the root of its own subtree.
+    """
+
+    def __init__(self, *, domains=8, ports=2, epoch_width=32, counter_width=32):
+        if not 1 <= domains <= 256:
+            raise ValueError(f"domains must be 1..256, not {domains}")
+        if not 1 <= ports <= 16:
+            raise ValueError(f"ports must be 1..16, not {ports}")
+        if not 1 <= epoch_width <= 32:
+            raise ValueError(f"epoch_width must be 1..32, not {epoch_width}")
+        self.domains = domains
+        self.ports = ports
+        self.epoch_width = epoch_width
+        self.counter_width = counter_width
+        super().__init__({
+            "cmd": In(stream.Signature(EpochCommand)),
+            "rsp": Out(stream.Signature(EpochResponse)),
+            "ctrl_in": In(message_signature()).array(ports),
+            "ctrl_out": Out(message_signature()).array(ports),
+            "link_up": In(1).array(ports),
+            "status": Out(EpochStatusSignature(domains, ports, epoch_width, counter_width)),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        D, P, W = self.domains, self.ports, self.epoch_width
+        V = VERSION_BITS
+
+        # PERSISTED lives in a memory; LOCAL is kept up to date by a sequential scan.
+        m.submodules.persisted = mem = Memory(shape=W, depth=D, init=[])
+        wr = mem.write_port()
+        rd = mem.read_port()
+
+        # ---- node state ----------------------------------------------------------------
+        online = Signal()
+        enabled = Signal(D)
+        local = Signal(W)
+        local_valid = Signal()
+        report = Signal(W)
+        report_valid = Signal()
+        sent = Signal(W)            # last REPORT sent (REPORT never falls below it)
+        committed = Signal(W)
+        active = Signal(V, init=1)
+        ver_report = Signal(V)
+        ver_conv = Signal(V)
+        role = _port_signals("role", P, 2)
+        heard = Signal(P)
+        child_rep = _port_signals("child_rep", P, W)
+        child_ver = _port_signals("child_ver", P, V)
+        refused = Signal(self.counter_width)
+        malformed = Signal(self.counter_width)
+        misrouted = Signal(self.counter_width)
+
+        need_local = Signal()       # LOCAL must be rescanned
+        need_report = Signal()      # REPORT must be recomputed (always after LOCAL)
+        pend_set = Signal(P)        # comb: ports that must send their state
+        pend_kids = Signal()        # comb: every CHILD port must (COMMITTED changed)
+        pend_up = Signal()          # comb: the PARENT port must (REPORT changed)
+        pend_clr = Signal(P)        # comb: ports that must not (role set to OFF)
+        hold = Signal()             # comb: an ENABLE is checking the floor: no REPORT starts
+
+        is_parent = Cat(r == Role.PARENT for r in role)
+        is_child = Cat(r == Role.CHILD for r in role)
+        has_parent = is_parent.any()
+        up = Cat(self.link_up)
+        up_prev = Signal(P)
+        m.d.sync += up_prev.eq(up)
+
+        # ---- the central sequencer -----------------------------------------------------
+        # Commands, received messages and the two scans take turns and share one W-bit
+        # comparator, ``lt = a < b`` with a in {value, acc, message fields} and b in
+        # {PERSISTED, COMMITTED, sent, child report}. Where ties do not matter, ``~lt``
+        # serves as ``b <= a``.
+        cmp_a = Signal(W)
+        cmp_b = Signal(W)
+        lt = Signal()
+        m.d.comb += lt.eq(cmp_a < cmp_b)
+
+        # A command stays on ``cmd`` (ready low) until its response is taken.
+        c = self.cmd.payload
+        r_status = Signal(3)
+        dom_ok = c.index < D
+        port_ok = c.index < P
+        c_en = (enabled >> c.index)[0]
+        c_fits = (c.value >> W) == 0 if W < CMD_VALUE_BITS else Const(1)
+        c_small = c.value[2:] == 0             # 0..3
+        other_parent = (is_parent & ~(Const(1, P) << c.index)[:P]).any()
+
+        # ``idx``: the port whose message is received, or the scan position.
+        idx = Signal(range(max(D, P)))
+        idx_rep = Array(child_rep)[idx]
+        idx_ver = Array(child_ver)[idx]
+        idx_role = Array(role)[idx]
+
+        # The message being received, fields in arrival order.
+        rx_cnt = Signal(range(MSG_LEN + 1))
+        rx_bad = Signal()
+        rx_report = Signal()
+        rx_solicit = Signal()
+        rx_body = Signal(8 * (MSG_LEN - 1))
+        m_epoch = rx_body[0:32]
+        m_com = rx_body[32:64]
+        m_ver = rx_body[64:72]
+        rx_valid = Cat(s.valid for s in self.ctrl_in)
+        rx_last = Cat(s.payload.last for s in self.ctrl_in).bit_select(idx, 1)
+        byte = Array(s.payload.data for s in self.ctrl_in)[idx]
+        kind = byte & ~FLAG_SOLICIT
+
+        acc = Signal(W)
+        acc_ok = Signal()
+        vacc = Signal(V)
+
+        def respond(status):
+            m.d.sync += r_status.eq(status)
+            if status is not CmdStatus.OK:
+                m.d.sync += refused.eq(refused + 1)
+            m.next = "RESP"
+
+        def for_port(index, *, domains=False):
+            """Decode ``index`` for per-port (per-domain) assignments."""
+            for i in range(D if domains else P):
+                with m.If(index == i):
+                    yield i
+
+        m.d.comb += [wr.addr.eq(c.index), wr.data.eq(c.value), rd.addr.eq(c.index)]
+
+        with m.FSM():
+            with m.State("IDLE"):
+                # Scans before messages: a REPORT goes out before the next message is taken.
+                with m.If(self.cmd.valid):
+                    m.next = "CMD"
+                with m.Elif(need_local):
+                    m.d.comb += rd.addr.eq(0)
+                    m.d.sync += [need_local.eq(0), idx.eq(0), acc_ok.eq(0)]
+                    m.next = "LSCAN"
+                with m.Elif(need_report):
+                    m.d.sync += [
+                        need_report.eq(0), idx.eq(0),
+                        acc.eq(local), acc_ok.eq(local_valid), vacc.eq(active),
+                    ]
+                    m.next = "RSCAN"
+                with m.Elif(rx_valid.any()):
+                    for p in reversed(range(P)):   # lowest port first
+                        with m.If(rx_valid[p]):
+                            m.d.sync += idx.eq(p)
+                    m.d.sync += rx_cnt.eq(0)
+                    m.next = "RECV"
+
+            # -- host commands (the memory returns PERSISTED[index] from here on) ----------
+            with m.State("CMD"):
+                m.d.comb += [cmp_a.eq(c.value), cmp_b.eq(rd.data)]
+                with m.Switch(c.op):
+                    with m.Case(Op.PERSIST):
+                        with m.If(~dom_ok):
+                            respond(CmdStatus.BAD_INDEX)
+                        with m.Elif(~c_en):
+                            respond(CmdStatus.DISABLED)
+                        with m.Elif(~c_fits):
+                            respond(CmdStatus.ILLEGAL)
+                        with m.Elif(lt):
+                            respond(CmdStatus.LOWER)
+                        with m.Else():
+                            m.d.comb += wr.en.eq(1)
+                            m.d.sync += need_local.eq(1)
+                            m.next = "WRITTEN"
+                    with m.Case(Op.ENABLE):
+                        with m.If(~dom_ok):
+                            respond(CmdStatus.BAD_INDEX)
+                        with m.Elif(~c_fits):
+                            respond(CmdStatus.ILLEGAL)
+                        with m.Elif(c_en & lt):
+                            respond(CmdStatus.LOWER)
+                        with m.Else():
+                            m.next = "FLOOR"
+                    with m.Case(Op.DISABLE):
+                        with m.If(~dom_ok):
+                            respond(CmdStatus.BAD_INDEX)
+                        with m.Else():
+                            for d in for_port(c.index, domains=True):
+                                m.d.sync += enabled[d].eq(0)
+                            m.d.sync += need_local.eq(1)
+                            respond(CmdStatus.OK)
+                    with m.Case(Op.READ):
+                        with m.If(~dom_ok):
+                            respond(CmdStatus.BAD_INDEX)
+                        with m.Else():
+                            respond(CmdStatus.OK)
+                    with m.Case(Op.ROLE):
+                        with m.If(~port_ok):
+                            respond(CmdStatus.BAD_INDEX)
+                        with m.Elif(~c_small | (c.value[:2] > max(Role)) |
+                                    ((c.value[:2] == Role.PARENT) & other_parent)):
+                            respond(CmdStatus.ILLEGAL)
+                        with m.Else():
+                            for p in for_port(c.index):
+                                m.d.sync += [role[p].eq(c.value), heard[p].eq(0)]
+                                with m.If(c.value[:2] == Role.OFF):
+                                    m.d.comb += pend_clr[p].eq(1)
+                                with m.Else():
+                                    m.d.comb += pend_set[p].eq(1)
+                            m.d.sync += need_report.eq(1)
+                            respond(CmdStatus.OK)
+                    with m.Case(Op.ACTIVE):
+                        with m.If((c.value == 0) | (c.value[V:] != 0)):
+                            respond(CmdStatus.ILLEGAL)
+                        with m.Else():
+                            m.d.sync += [active.eq(c.value), need_report.eq(1)]
+                            respond(CmdStatus.OK)
+                    with m.Case(Op.ONLINE):
+                        with m.If(~c_small | c.value[1]):
+                            respond(CmdStatus.ILLEGAL)
+                        with m.Else():
+                            # report_valid := 0 makes the next REPORT count as changed: sent
+                            m.d.sync += [online.eq(c.value[0]), report_valid.eq(0),
+                                         need_report.eq(1)]
+                            respond(CmdStatus.OK)
+                    with m.Default():
+                        respond(CmdStatus.ILLEGAL)
+
+            # ENABLE: a domain must not come in below anything this node has vouched for.
+            with m.State("FLOOR"):
+                m.d.comb += [hold.eq(1), cmp_a.eq(c.value), cmp_b.eq(committed)]
+                with m.If(lt):
+                    respond(CmdStatus.LOWER)
+                with m.Else():
+                    m.next = "FLOOR_SENT"
+            with m.State("FLOOR_SENT"):
+                m.d.comb += [hold.eq(1), cmp_a.eq(c.value), cmp_b.eq(sent)]
+                with m.If(lt):
+                    respond(CmdStatus.LOWER)
+                with m.Else():
+                    # The stored REPORT may now be above the new domain: invalid until the
+                    # rescan (LOCAL is only used after the rescan, which comes first).
+                    m.d.comb += wr.en.eq(1)
+                    m.d.sync += [report_valid.eq(0), need_local.eq(1)]
+                    for d in for_port(c.index, domains=True):
+                        m.d.sync += enabled[d].eq(1)
+                    m.next = "WRITTEN"
+            with m.State("WRITTEN"):
+                # one cycle for the memory to read back the new PERSISTED
+                respond(CmdStatus.OK)
+
+            with m.State("RESP"):
+                domain_op = (c.op == Op.PERSIST) | (c.op == Op.ENABLE) | (c.op == Op.READ)
+                m.d.comb += [
+                    self.rsp.valid.eq(1),
+                    self.rsp.payload.status.eq(r_status),
+                    self.rsp.payload.enabled.eq(domain_op & c_en),
+                    self.rsp.payload.value.eq(Mux(domain_op & c_en, rd.data, 0)),
+                ]
+                with m.If(self.rsp.ready):
+                    m.d.comb += self.cmd.ready.eq(1)
+                    m.next = "IDLE"
+
+            # -- receive one message from port ``idx`` -----------------------------------
+            with m.State("RECV"):
+                for p in range(P):
+                    m.d.comb += self.ctrl_in[p].ready.eq(idx == p)
+                with m.If(rx_valid.bit_select(idx, 1)):
+                    with m.If(rx_cnt == 0):
+                        m.d.sync += [
+                            rx_bad.eq((kind != MsgType.REPORT) & (kind != MsgType.COMMIT)),
+                            rx_report.eq(kind == MsgType.REPORT),
+                            rx_solicit.eq(byte[7]),
+                        ]
+                    with m.Else():
+                        m.d.sync += rx_body.eq(Cat(rx_body[8:], byte))
+                    with m.If(rx_cnt != MSG_LEN):
+                        m.d.sync += rx_cnt.eq(rx_cnt + 1)
+                    with m.If(rx_last):
+                        with m.If((rx_cnt == MSG_LEN - 1) & ~rx_bad):
+                            m.next = "RX"
+                        with m.Else():
+                            m.d.sync += malformed.eq(malformed + 1)
+                            m.next = "IDLE"
+                with m.Elif(~up.bit_select(idx, 1)):
+                    # The rest of the message went with the link. A link engine delivers
+                    # whole messages, but don't wait forever on anything else.
+                    m.next = "IDLE"
+            with m.State("RX"):
+                # max-merge: a repeated or stale REPORT changes nothing
+                m.d.comb += [cmp_a.eq(m_epoch), cmp_b.eq(idx_rep)]
+                fits = ((m_epoch | m_com) >> W) == 0 if W < 32 else Const(1)
+                m.next = "RX_CERT"
+                with m.If(~fits):
+                    m.d.sync += malformed.eq(malformed + 1)
+                    m.next = "IDLE"
+                with m.Elif((idx_role == Role.CHILD) & rx_report):
+                    for p in for_port(idx):
+                        with m.If(~heard[p] | ~lt):
+                            m.d.sync += child_rep[p].eq(m_epoch)
+                        m.d.sync += [heard[p].eq(1), child_ver[p].eq(m_ver)]
+                    m.d.sync += need_report.eq(1)
+                with m.Elif((idx_role == Role.PARENT) & ~rx_report):
+                    for p in for_port(idx):
+                        m.d.sync += heard[p].eq(1)
+                    with m.If(m_ver != ver_conv):
+                        m.d.sync += ver_conv.eq(m_ver)
+                        m.d.comb += pend_kids.eq(1)
+                with m.Else():
+                    m.d.sync += misrouted.eq(misrouted + 1)
+                    m.next = "IDLE"
+            with m.State("RX_CERT"):
+                # a neighbour's COMMITTED is a certificate: adopt it
+                m.d.comb += [cmp_a.eq(m_com), cmp_b.eq(committed)]
+                with m.If(~lt & (m_com != committed)):
+                    m.d.sync += committed.eq(m_com)
+                    m.d.comb += pend_kids.eq(1)
+                with m.If(rx_solicit):
+                    # answer with the state this message has just updated
+                    for p in for_port(idx):
+                        m.d.comb += pend_set[p].eq(1)
+                m.next = "IDLE"
+
+            # -- LOCAL = min over enabled domains (memory read one cycle ahead) ------------
+            with m.State("LSCAN"):
+                take = Signal()
+                m.d.comb += [
+                    cmp_a.eq(acc), cmp_b.eq(rd.data),
+                    take.eq((enabled >> idx)[0] & (~acc_ok | ~lt)),
+                    rd.addr.eq(idx + 1),
+                ]
+                with m.If(take):
+                    m.d.sync += [acc.eq(rd.data), acc_ok.eq(1)]
+                m.d.sync += idx.eq(idx + 1)
+                with m.If(idx == D - 1):
+                    m.d.sync += [
+                        local.eq(Mux(take, rd.data, acc)),
+                        local_valid.eq(take | acc_ok),
+                        need_report.eq(1),
+                    ]
+                    m.next = "IDLE"
+
+            # -- REPORT = min(LOCAL, reports of CHILD ports) -------------------------------
+            with m.State("RSCAN"):
+                m.d.comb += [cmp_a.eq(acc), cmp_b.eq(idx_rep)]
+                with m.If(is_child.bit_select(idx, 1)):
+                    with m.If(~heard.bit_select(idx, 1)):
+                        m.d.sync += acc_ok.eq(0)
+                    with m.Else():
+                        with m.If(~lt):
+                            m.d.sync += acc.eq(idx_rep)
+                        with m.If(idx_ver < vacc):
+                            m.d.sync += vacc.eq(idx_ver)
+                m.d.sync += idx.eq(idx + 1)
+                with m.If(idx == P - 1):
+                    m.next = "RDONE"
+            with m.State("RDONE"):
+                # Never below a REPORT already sent: that one is still a valid bound, and the
+                # floor for ENABLE must not fall (only a ROLE rewrite could make REPORT drop).
+                m.d.comb += [cmp_a.eq(acc), cmp_b.eq(sent)]
+                new_report = Mux(lt, sent, acc)
+                changed = ~report_valid | (new_report != report) | (vacc != ver_report)
+                with m.If(online & acc_ok & changed):
+                    m.d.comb += pend_up.eq(1)
+                m.d.sync += [report.eq(new_report), report_valid.eq(acc_ok),
+                             ver_report.eq(vacc)]
+                with m.If(online & acc_ok & ~has_parent):
+                    m.next = "COMMIT"
+                with m.Else():
+                    m.next = "IDLE"
+            with m.State("COMMIT"):
+                # the root: its subtree is the whole tree (acc still holds REPORT)
+                m.d.comb += [cmp_a.eq(acc), cmp_b.eq(committed)]
+                with m.If(~lt & (acc != committed)):
+                    m.d.sync += committed.eq(acc)
+                    m.d.comb += pend_kids.eq(1)
+                with m.If(ver_conv != ver_report):
+                    m.d.sync += ver_conv.eq(ver_report)
+                    m.d.comb += pend_kids.eq(1)
+                m.next = "IDLE"
+
+        # ---- send: a snapshot per port, so that no message is ever torn --------------------
+        pending = Signal(P)
+        report_load = Signal(P)     # the parent port takes a REPORT snapshot
+        with m.If(report_load.any()):
+            m.d.sync += sent.eq(report)
+        for p in range(P):
+            cout = self.ctrl_out[p]
+            busy = Signal(name=f"tx_busy{p}")
+            cnt = Signal(range(MSG_LEN), name=f"tx_cnt{p}")
+            t_type = Signal(8, name=f"tx_type{p}")
+            t_epoch = Signal(W, name=f"tx_epoch{p}")
+            t_com = Signal(W, name=f"tx_com{p}")
+            t_ver = Signal(V, name=f"tx_ver{p}")
+            wire = Cat(t_type, t_epoch, Const(0, 32 - W), t_com, Const(0, 32 - W), t_ver)
+            m.d.comb += [
+                cout.valid.eq(busy),
+                cout.payload.data.eq(wire.word_select(cnt, 8)),
+                cout.payload.last.eq(cnt == MSG_LEN - 1),
+            ]
+            with m.If(cout.valid & cout.ready):
+                with m.If(cnt == MSG_LEN - 1):
+                    m.d.sync += [busy.eq(0), cnt.eq(0)]
+                with m.Else():
+                    m.d.sync += cnt.eq(cnt + 1)
+            parent = is_parent[p]
+            load = Signal(name=f"tx_load{p}")
+            m.d.comb += load.eq(~busy & pending[p] & up[p] &
+                                (is_child[p] | (parent & online & report_valid & ~hold)))
+            with m.If(load):
+                m.d.sync += [
+                    busy.eq(1),
+                    pending[p].eq(0),
+                    t_type.eq(Mux(parent, MsgType.REPORT, MsgType.COMMIT) |
+                              Mux(heard[p], 0, FLAG_SOLICIT)),
+                    t_epoch.eq(Mux(parent, report, 0)),
+                    t_com.eq(committed),
+                    t_ver.eq(Mux(parent, ver_report, ver_conv)),
+                ]
+                m.d.comb += report_load[p].eq(parent)
+            rise = up[p] & ~up_prev[p]
+            # (a load at the rising edge itself already sends the current state)
+            with m.If(pend_set[p] | (pend_kids & is_child[p]) | (pend_up & is_parent[p]) |
+                      (rise & ~load & (is_parent[p] | is_child[p]))):
+                m.d.sync += pending[p].eq(1)
+            with m.If(pend_clr[p]):
+                m.d.sync += pending[p].eq(0)
+
+        # ---- status ----------------------------------------------------------------------
+        st = self.status
+        m.d.comb += [
+            st.online.eq(online), st.enabled.eq(enabled),
+            st.local.eq(local), st.local_valid.eq(local_valid),
+            st.report.eq(report), st.report_valid.eq(report_valid),
+            st.report_sent.eq(sent), st.committed.eq(committed), st.active.eq(active),
+            st.version_report.eq(ver_report), st.version_converged.eq(ver_conv),
+            st.refused.eq(refused), st.malformed.eq(malformed), st.misrouted.eq(misrouted),
+        ]
+        for p in range(P):
+            m.d.comb += [
+                st.port[p].role.eq(role[p]), st.port[p].heard.eq(heard[p]),
+                st.port[p].child_report.eq(child_rep[p]),
+                st.port[p].child_version.eq(child_ver[p]),
+            ]
+        return m
