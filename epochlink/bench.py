@@ -139,7 +139,49 @@ def link_table(data: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
-SECTIONS = {"link": (bench_link, link_table)}
+EPOCH_POINTS = (("line", 2), ("line", 4), ("tree", 4), ("line", 8), ("tree", 8), ("line", 16), ("tree", 16))
+CONVERGENCE_GOAL = (1.25, 64)   # cycles <= 1.25 x floor + 64
+
+
+def bench_epoch(cycles: int) -> dict:
+    from .sim.cluster import Cluster, Topology
+
+    points = []
+    for shape, nodes in EPOCH_POINTS:
+        topology = Topology.named(shape, nodes)
+        design = verilator.build(f"cluster_{topology.name}{nodes}", Cluster(topology, domains=4))
+        result = BENCH_DIR / "runs" / f"epoch-{shape}{nodes}.json"
+        result.parent.mkdir(parents=True, exist_ok=True)
+        cfg = {"edges": [list(e) for e in topology.edges], "domains": 4, "trials": 4}
+        verilator.run(design, "epochlink.sim.tb_cluster", testcase="convergence_latency",
+                      run_name=f"bench-{shape}{nodes}",
+                      env={"EPOCHLINK_TB_CONFIG": json.dumps(cfg), "EPOCHLINK_TB_RESULT": str(result)})
+        r = json.loads(result.read_text())
+        one_way = max(r["one_way"])
+        floor = 2 * topology.depth * one_way
+        worst = max(r["samples"])
+        a, b = CONVERGENCE_GOAL
+        points.append({"nodes": nodes, "topology": topology.name, "depth": topology.depth,
+                       "cycles": worst, "samples": r["samples"], "one_way_cycles": one_way,
+                       "floor": floor, "ratio": round(worst / floor, 3),
+                       "goal_met": worst <= a * floor + b,
+                       "node_cycles_per_s": round(r["cycles_per_s"] * nodes)})
+        print(f"  {topology.name:6s} N={nodes:2d} depth {topology.depth}: {worst} cycles, floor {floor}, "
+              f"{worst / floor:.2f} x floor", flush=True)
+    return {"points": points, "goal": {"ratio": a, "plus_cycles": b}}
+
+
+def epoch_table(data: dict) -> str:
+    rows = ["| topology | nodes | depth | cycles (worst of 4) | floor 2 x depth x one-way | ratio | goal <= 1.25 x floor + 64 | node-cycles/s |",
+            "|---|---|---|---|---|---|---|---|"]
+    for p in data["points"]:
+        rows.append(f"| {p['topology']} | {p['nodes']} | {p['depth']} | {p['cycles']} | {p['floor']} "
+                    f"(one-way {p['one_way_cycles']}) | {p['ratio']:.2f} | {'met' if p['goal_met'] else '**missed**'} | "
+                    f"{p['node_cycles_per_s']:,} |")
+    return "\n".join(rows) + "\n"
+
+
+SECTIONS = {"link": (bench_link, link_table), "epoch": (bench_epoch, epoch_table)}
 
 
 def update_docs(section: str, table: str) -> None:

@@ -5,7 +5,7 @@ engine and the board tops all build their ports from these definitions.
 """
 from amaranth.lib import data, stream
 
-__all__ = ["MessageByte", "message_signature", "phy_tx_signature", "phy_rx_signature"]
+__all__ = ["MessageByte", "message_signature", "phy_tx_signature", "phy_rx_signature", "forward_status"]
 
 
 class MessageByte(data.Struct):
@@ -27,3 +27,14 @@ def phy_tx_signature():
 def phy_rx_signature():
     """Bytes from the wire. A wire cannot be stalled, so this stream is always ready."""
     return stream.Signature(8, always_ready=True)
+
+
+def forward_status(m, source, target):
+    """Drive every signal of the output interface ``target`` from ``source`` (same signature).
+
+    For status bundles passed up through a hierarchy; unlike ``wiring.connect`` it accepts
+    two outputs and nested arrays.
+    """
+    pairs = zip(source.signature.flatten(source), target.signature.flatten(target))
+    for (_, _, src), (_, _, dst) in pairs:
+        m.d.comb += dst.eq(src)

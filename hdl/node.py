@@ -1,0 +1,99 @@
+"""One epochlink NIC: an epoch engine on top of one link engine per port.
+
+::
+
+     host ──cmd/rsp──► EpochEngine ──ctrl_out[p]──► LinkEngine[p] ──phy_tx[p]──► wire
+                        ▲  (LOCAL, REPORT,  ◄─ctrl_in[p]──  (bilateral   ◄─phy_rx[p]──
+                        │   COMMITTED)      ◄─link_up[p]──   transfers)
+     host ──payload──► EpochTagger ──────────────────────► payload_in[p]
+     host ◄─payload─── EpochFence ◄──────────────────────  payload_out[p]
+
+The epoch engine's REPORT and COMMIT messages travel as control-class transfers, so they
+get the link's exactly-once, in-order, reflectively acknowledged delivery and priority over
+payload. Payload messages are tagged with this node's COMMITTED epoch and protocol version
+and fenced at the far side (see :mod:`epochlink.hdl.fence`).
+"""
+from amaranth import *
+from amaranth.lib import stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from .common import forward_status, message_signature, phy_rx_signature, phy_tx_signature
+from .epoch import EpochCommand, EpochEngine, EpochResponse, EpochStatusSignature
+from .fence import EpochFence, EpochTagger
+from .frame import LinkState
+from .link import LinkEngine, LinkStatusSignature
+
+__all__ = ["NICNode"]
+
+
+class NICNode(wiring.Component):
+    """An epochlink NIC with ``ports`` link ports and ``domains`` persistence domains.
+
+    Attributes
+    ----------
+    cmd, rsp : the epoch engine's host command interface.
+    phy_tx, phy_rx : arrays of per-port byte streams to and from the wires.
+    payload_in, payload_out : arrays of per-port payload message streams (epoch-tagged).
+    node_id, ver_min, ver_max : identity and supported link protocol versions.
+    link_enable : per-port enable of the link engines.
+    fence_mode : :class:`~epochlink.hdl.fence.FenceMode` for every port.
+    epoch : epoch engine status; link : per-port link status; fence counters per port.
+    """
+
+    def __init__(self, *, ports=2, domains=8, epoch_width=32, counter_width=32, **link_args):
+        self.ports = ports
+        self.domains = domains
+        self.link_args = dict(link_args, counter_width=counter_width)
+        self.epoch_args = dict(domains=domains, ports=ports, epoch_width=epoch_width,
+                               counter_width=counter_width)
+        super().__init__({
+            "cmd": In(stream.Signature(EpochCommand)),
+            "rsp": Out(stream.Signature(EpochResponse)),
+            "phy_tx": Out(phy_tx_signature()).array(ports),
+            "phy_rx": In(phy_rx_signature()).array(ports),
+            "payload_in": In(message_signature()).array(ports),
+            "payload_out": Out(message_signature()).array(ports),
+            "node_id": In(16),
+            "ver_min": In(8, init=1),
+            "ver_max": In(8, init=1),
+            "link_enable": In(1, init=1).array(ports),
+            "fence_mode": In(2),
+            "epoch": Out(EpochStatusSignature(domains, ports, epoch_width, counter_width)),
+            "link": Out(LinkStatusSignature(counter_width)).array(ports),
+            "fence_older": Out(32).array(ports),
+            "fence_newer": Out(32).array(ports),
+            "fence_dropped": Out(32).array(ports),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.epoch = engine = EpochEngine(**self.epoch_args)
+        wiring.connect(m, wiring.flipped(self.cmd), engine.cmd)
+        wiring.connect(m, engine.rsp, wiring.flipped(self.rsp))
+        forward_status(m, engine.status, self.epoch)
+        for p in range(self.ports):
+            link = LinkEngine(**self.link_args)
+            m.submodules[f"link{p}"] = link
+            m.d.comb += [
+                link.node_id.eq(self.node_id), link.ver_min.eq(self.ver_min),
+                link.ver_max.eq(self.ver_max), link.enable.eq(self.link_enable[p]),
+                engine.link_up[p].eq(link.status.state == LinkState.UP),
+            ]
+            wiring.connect(m, engine.ctrl_out[p], link.ctrl_in)
+            wiring.connect(m, link.ctrl_out, engine.ctrl_in[p])
+            wiring.connect(m, link.phy_tx, wiring.flipped(self.phy_tx[p]))
+            m.d.comb += [link.phy_rx.valid.eq(self.phy_rx[p].valid),
+                         link.phy_rx.payload.eq(self.phy_rx[p].payload)]
+            forward_status(m, link.status, self.link[p])
+
+            m.submodules[f"tagger{p}"] = tagger = EpochTagger()
+            m.submodules[f"fence{p}"] = fence = EpochFence()
+            m.d.comb += [tagger.epoch.eq(engine.status.committed), tagger.version.eq(engine.status.active),
+                         fence.epoch.eq(engine.status.committed), fence.mode.eq(self.fence_mode),
+                         self.fence_older[p].eq(fence.older), self.fence_newer[p].eq(fence.newer),
+                         self.fence_dropped[p].eq(fence.dropped)]
+            wiring.connect(m, wiring.flipped(self.payload_in[p]), tagger.i)
+            wiring.connect(m, tagger.o, link.payload_in)
+            wiring.connect(m, link.payload_out, fence.i)
+            wiring.connect(m, fence.o, wiring.flipped(self.payload_out[p]))
+        return m
