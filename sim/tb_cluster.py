@@ -25,6 +25,7 @@ from epochlink.hdl.channel import ber_to_threshold
 from epochlink.hdl.epoch_format import CmdStatus, Op, Role
 from epochlink.hdl.frame import LinkState
 from epochlink.sim.cluster import Topology
+from epochlink.sim.epoch_model import Cluster as ModelCluster
 
 CLOCK_NS = 10
 
@@ -200,6 +201,16 @@ async def random_faults(dut):
     cocotb.start_soon(monitor.run())
     epochs = cfg.get("epochs", 6)
     resets = cuts = 0
+    # The reference model replays the same host actions and faults (untimed, with random
+    # interleaving and message loss/duplication at link resets), checking its own
+    # invariants at every step; at the end both must agree on every node's COMMITTED.
+    model = ModelCluster(topology.nodes, [tuple(e) for e in topology.edges], domains=hosts[0].domains)
+    model_rng = random.Random(cfg.get("seed", 1) + 1)
+    for i in range(topology.nodes):
+        model.hosts[i].durable = {d: 0 for d in range(hosts[i].domains)}
+        model.restore(i)
+    for a, b in topology.edges:
+        model.link_up(a, b)
 
     async def faults():
         nonlocal resets, cuts
@@ -209,10 +220,19 @@ async def random_faults(dut):
             kind ^= 1                     # node resets and link cuts take turns
             if kind:
                 resets += 1
-                await hosts[rng.randrange(topology.nodes)].reset_and_restore(monitor)
+                node = rng.randrange(topology.nodes)
+                model.reset_node(node, model_rng)
+                await hosts[node].reset_and_restore(monitor)
+                model.restore(node)
+                for j in model.neighbours(node):
+                    model.link_up(node, j)
+                model.run(model_rng)
             elif topology.edges:
                 cuts += 1
                 k = rng.randrange(len(topology.edges))
+                model.link_down(*topology.edges[k], model_rng)
+                model.link_up(*topology.edges[k])
+                model.run(model_rng)
                 sig(dut, f"e{k}_cut").value = 1
                 await ClockCycles(dut.clk, rng.randint(200, 4000))
                 sig(dut, f"e{k}_cut").value = 0
@@ -225,6 +245,10 @@ async def random_faults(dut):
         for h, d in writes:
             await ClockCycles(dut.clk, rng.randint(0, cfg.get("persist_gap", 60)))
             await h.persist(d, epoch)
+            model.persist(h.i, d, epoch)
+            model.run(model_rng)
+        # Training runs between checkpoints; faults keep coming meanwhile.
+        await ClockCycles(dut.clk, rng.randint(*cfg.get("epoch_gap", (1000, 4000))))
     if fault_task is not None:
         fault_task.cancel()
     for k in range(len(topology.edges)):
@@ -235,8 +259,11 @@ async def random_faults(dut):
     assert meet == epochs
     cycles = await wait_all_committed(dut, topology.nodes, meet, cfg.get("liveness_cycles", 200_000))
     await ClockCycles(dut.clk, 200)
+    model.settle(model_rng)
+    model.check_converged()
+    model_committed = [node.committed for node in model.nodes]
     result = {"nodes": topology.nodes, "meet": meet, "committed": [committed(dut, i) for i in range(topology.nodes)],
-              "settle_cycles": cycles, "resets": resets, "cuts": cuts, "safety_samples": monitor.samples,
+              "model_committed": model_committed, "settle_cycles": cycles, "resets": resets, "cuts": cuts, "safety_samples": monitor.samples,
               "link_downs": sum(int(sig(dut, f"n{i}_link__{p}__link_downs").value)
                                 for i in range(topology.nodes) for p in range(max(1, len(topology.ports(i))))),
               "crc_errors": sum(int(sig(dut, f"n{i}_link__{p}__crc_errors").value)
@@ -244,6 +271,7 @@ async def random_faults(dut):
     dut._log.info("result: %s", json.dumps(result))
     write_result(result)
     assert result["committed"] == [meet] * topology.nodes
+    assert model_committed == result["committed"], f"reference model: {model_committed}"
 
 
 @cocotb.test()
