@@ -24,9 +24,18 @@ class Peer:
         self.frames = []
         self.cycle = 0
         self.hello_cycles = []     # cycle at which each HELLO from the engine was complete
+        self.collectors = []       # output streams sampled on every tick
+
+    def watch(self, port):
+        """Collect the messages the engine delivers on ``port`` while this peer ticks."""
+        collector = Collector(self.ctx, port)
+        self.collectors.append(collector)
+        return collector
 
     async def tick(self, n=1):
         for _ in range(n):
+            for collector in self.collectors:
+                collector.sample()
             if self.ctx.get(self.dut.phy_tx.valid):
                 self.rx_bytes.append(self.ctx.get(self.dut.phy_tx.payload))
                 self._parse()
@@ -182,14 +191,7 @@ def test_incompatible_versions_keep_link_down():
 def test_transfer_phases_as_receiver():
     """DATA -> REFLECT(digest) -> commit cursor -> delivery -> delivery cursor."""
     async def bench(dut, ctx, peer):
-        out = Collector(ctx, dut.payload_out)
-        orig_tick = peer.tick
-
-        async def tick(n=1):
-            for _ in range(n):
-                out.sample()
-                await orig_tick()
-        peer.tick = tick
+        out = peer.watch(dut.payload_out)
         await peer.bring_up()
         data = Frame(FrameType.DATA, seq=0, payload=b"hello", ccur=0, dcur=0)
         await peer.send_frame(data)
@@ -211,12 +213,7 @@ def test_transfer_phases_as_receiver():
         assert peer.counter("duplicates") == 1 and out.messages == [b"hello"]
         assert peer.counter("delivered") == 1
         # A control-class message arrives on ctrl_out.
-        ctrl = Collector(ctx, dut.ctrl_out)
-        async def tick2(n=1):
-            for _ in range(n):
-                ctrl.sample()
-                await tick()
-        peer.tick = tick2
+        ctrl = peer.watch(dut.ctrl_out)
         await peer.send_frame(Frame(FrameType.DATA, flags=FLAG_CTRL, seq=1, payload=b"\x05\x06", ccur=0, dcur=0))
         await peer.wait_for(lambda f: f.type == FrameType.REFLECT and f.seq == 1)
         await peer.send_frame(Frame(FrameType.SIGNAL, ccur=2))
@@ -298,14 +295,7 @@ def test_ctrl_messages_take_priority():
                                   "bad_length", "seq_outside_window", "reflect_unknown_seq"])
 def test_bad_input_is_dropped_and_counted(case):
     async def bench(dut, ctx, peer):
-        out = Collector(ctx, dut.payload_out)
-        orig_tick = peer.tick
-
-        async def tick(n=1):
-            for _ in range(n):
-                out.sample()
-                await orig_tick()
-        peer.tick = tick
+        out = peer.watch(dut.payload_out)
         await peer.bring_up()
         good = encode(Frame(FrameType.DATA, seq=0, payload=b"ok"))
         before = {name: peer.counter(name) for name in ("crc_errors", "framing_errors", "malformed")}
