@@ -21,13 +21,28 @@ import cocotb
 from cocotb.clock import Clock
 from cocotb.triggers import ClockCycles, Lock, RisingEdge, Timer
 
+from amaranth.lib import data
+
 from epochlink.hdl.channel import ber_to_threshold
+from epochlink.hdl.epoch import EpochCommand, EpochResponse
 from epochlink.hdl.epoch_format import CmdStatus, Op, Role
 from epochlink.hdl.frame import LinkState
 from epochlink.sim.cluster import Topology
 from epochlink.sim.epoch_model import Cluster as ModelCluster
 
 CLOCK_NS = 10
+_CMD = data.Layout.cast(EpochCommand)
+_RSP = data.Layout.cast(EpochResponse)
+
+
+def pack_command(**fields) -> int:
+    """An EpochCommand as the integer on the ``n{i}_cmd__payload`` port."""
+    return sum(int(value) << _CMD[name].offset for name, value in fields.items())
+
+
+def response_field(word: int, name: str) -> int:
+    field = _RSP[name]
+    return (word >> field.offset) & ((1 << field.width) - 1)
 
 
 def config():
@@ -72,7 +87,7 @@ class Host:
             return await self._command(op, index, value)
 
     async def _command(self, op, index=0, value=0):
-        self.cmd_payload.value = int(op) | (index << 3) | (value << 11)
+        self.cmd_payload.value = pack_command(op=op, index=index, value=value)
         self.cmd_valid.value = 1
         while True:
             await RisingEdge(self.dut.clk)
@@ -83,7 +98,7 @@ class Host:
             if int(self.rsp_valid.value):
                 word = int(self.rsp_payload.value)
                 await RisingEdge(self.dut.clk)
-                return CmdStatus(word & 7), word >> 4
+                return CmdStatus(response_field(word, "status")), response_field(word, "value")
             await RisingEdge(self.dut.clk)
         raise CommandError(f"node {self.i}: no response to {Op(op).name}")
 
