@@ -25,7 +25,7 @@ Response frame::
   after the write (unchanged if the write was refused; 0 for ``BAD_ADDRESS``); an error
   response from the link layer carries 0.
 
-Status codes 0..3 come from the register bus (:class:`Status` ``OK`` .. ``ILLEGAL_VALUE``);
+Status codes 0..5 come from the register bus (:class:`Status` ``OK`` .. ``REFUSED_LOWER``);
 codes 0x10 and up are link-layer errors, answered when the node knows a tag but cannot
 execute the frame:
 
@@ -76,6 +76,10 @@ class Status(enum.IntEnum):
     READ_ONLY = 0x02
     #: write of a value the register's validation rule refuses
     ILLEGAL_VALUE = 0x03
+    #: epoch command refused: PERSIST to a disabled persistence domain
+    REFUSED_DISABLED = 0x04
+    #: epoch command refused: the epoch would go down (epochs only rise)
+    REFUSED_LOWER = 0x05
     #: complete frame, wrong CRC
     BAD_CHECKSUM = 0x10
     #: unknown opcode
@@ -89,8 +93,9 @@ class Status(enum.IntEnum):
         return self >= 0x10
 
 
-#: The statuses a register bus can return (they fit in 2 bits and are carried verbatim).
-BUS_STATUSES = (Status.OK, Status.BAD_ADDRESS, Status.READ_ONLY, Status.ILLEGAL_VALUE)
+#: The statuses a register bus can return (they fit in 3 bits and are carried verbatim).
+BUS_STATUSES = (Status.OK, Status.BAD_ADDRESS, Status.READ_ONLY, Status.ILLEGAL_VALUE,
+                Status.REFUSED_DISABLED, Status.REFUSED_LOWER)
 
 #: CRC-16/MODBUS, in the keyword form of :class:`amaranth.lib.crc.Algorithm`.
 CRC16_PARAMETERS: dict[str, int | bool] = dict(

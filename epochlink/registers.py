@@ -21,14 +21,16 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 from . import __version__
+from .hdl.epoch_format import FenceMode, Op, Role
 from .hdl.frame import LINK_COUNTERS, LinkState  # the link engine's state encoding (``LINK_STATE.state``)
 from .hostproto import PROTOCOL_VERSION, Status
 
 __all__ = [
     "Access", "Field", "Register", "Block", "Reserved", "RegisterInstance", "RegisterMap",
-    "LinkState", "MAGIC", "GATEWARE_VERSION", "MAP_VERSION", "MAX_PORTS", "PORT_BASE",
-    "PORT_STRIDE", "NODE", "PORT", "RESERVED_RANGES", "register_map", "port_address",
-    "caps_value", "render_markdown",
+    "LinkState", "MAGIC", "GATEWARE_VERSION", "MAP_VERSION", "MAX_PORTS", "MAX_DOMAINS",
+    "DEFAULT_DOMAINS", "PORT_BASE", "PORT_STRIDE", "NODE", "PORT", "EPOCH", "EPOCH_PORT", "DOMAIN",
+    "RESERVED_RANGES", "register_map", "port_address", "domain_address", "caps_value",
+    "epoch_config_value", "render_markdown",
 ]
 
 #: Read from ``MAGIC``: ASCII "EPLK".
@@ -36,9 +38,13 @@ MAGIC = 0x45504C4B
 #: Reported in ``VERSION``: the package version, which is the gateware version.
 GATEWARE_VERSION: tuple[int, int, int] = tuple(int(x) for x in re.findall(r"\d+", __version__)[:3])  # type: ignore[assignment]
 #: Version of this register map layout; bumped on incompatible changes. Reported in ``CAPS``.
-MAP_VERSION = 1
+MAP_VERSION = 2
 #: Link port blocks the address space has room for.
 MAX_PORTS = 16
+#: Persistence domain blocks the address space has room for (the epoch engine's limit).
+MAX_DOMAINS = 256
+#: Persistence domains of a default build.
+DEFAULT_DOMAINS = 8
 PORT_BASE = 0x100
 PORT_STRIDE = 0x40
 
@@ -109,12 +115,18 @@ class Register:
     description: str = ""
     #: RO only: the value is ``reset`` forever, built into the gateware (no hardware port).
     constant: bool = False
+    #: RW only: a write is an epoch engine command (:class:`~epochlink.hdl.epoch_format.Op`)
+    #: rather than a store; the engine may refuse it (``REFUSED_*`` statuses). Such registers
+    #: are served by :class:`~epochlink.hdl.epoch_regs.EpochRegisters`, not the register bank.
+    command: Op | None = None
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Z][A-Z0-9_]*", self.name):
             raise ValueError(f"register name {self.name!r} must be an uppercase identifier")
         if self.constant and self.access is not Access.RO:
             raise ValueError(f"{self.name}: only RO registers can be constant")
+        if self.command is not None and self.access is not Access.RW:
+            raise ValueError(f"{self.name}: only RW registers can be commands")
         if not self.fields:
             raise ValueError(f"{self.name}: a register needs at least one field")
         used = 0
@@ -185,10 +197,11 @@ class Register:
 
 
 def _value(name: str, offset: int, access: Access, width: int, description: str, *,
-           reset: int = 0, constant: bool = False, max: int | None = None) -> Register:
+           reset: int = 0, constant: bool = False, max: int | None = None,
+           command: Op | None = None) -> Register:
     """A register holding one unsigned value ``[width-1:0]`` (field ``value``)."""
     return Register(name, offset, access, (Field("value", 0, width, max=max),), reset,
-                    description, constant)
+                    description, constant, command)
 
 
 def _counter(name: str, offset: int, description: str) -> Register:
@@ -205,6 +218,9 @@ class Block:
     description: str = ""
     count: int = 1
     stride: int = 0
+    #: For multi-instance blocks: the build parameter giving how many instances are
+    #: present (``"ports"`` or ``"domains"``); the others answer ``BAD_ADDRESS``.
+    count_by: str = "ports"
 
     def __post_init__(self) -> None:
         offsets = set()
@@ -321,32 +337,107 @@ PORT = Block("PORT", PORT_BASE, PORT_STRIDE, (
                f"and 0x{0x10 + len(LINK_COUNTERS):02X}-0x3F (counters) are reserved for more link registers.",
    count=MAX_PORTS, stride=PORT_STRIDE)
 
+_ROLE_VALUES = tuple((r.name, r.value) for r in Role)
+
+EPOCH = Block("EPOCH", 0x0800, 0x40, (
+    Register("STATUS", 0x00, Access.RO, (
+        Field("online", 0, 1, "The node takes part in the protocol (EPOCH.ONLINE)."),
+        Field("local_valid", 1, 1, "At least one domain is enabled (LOCAL is defined)."),
+        Field("report_valid", 2, 1, "LOCAL is valid and every CHILD port has reported.")),
+        description="Epoch engine status."),
+    _value("LOCAL", 0x01, Access.RO, 32, "LOCAL: the meet (minimum) of PERSISTED over the enabled domains."),
+    _value("REPORT", 0x02, Access.RO, 32,
+           "This node's subtree meet: min(LOCAL, the reports of its CHILD ports)."),
+    _value("REPORT_SENT", 0x03, Access.RO, 32, "The last REPORT sent to the parent (0: none yet)."),
+    _value("COMMITTED", 0x04, Access.RO, 32,
+           "COMMITTED: the epoch the whole cluster has made durable in every enabled domain "
+           "(this node's Conv(P,e) certificate). Never decreases until the node is reset."),
+    _value("ONLINE", 0x05, Access.RW, 1,
+           "Write 1 once every domain is enabled at its durable epoch (after a reset: after "
+           "restoring them): the node starts reporting and, as root, committing. 0 stops it.",
+           max=1, command=Op.ONLINE),
+    _value("ACTIVE", 0x06, Access.RW, 8,
+           "ACTIVE protocol (firmware) version of this node, 1..255 (0 is refused). Written "
+           "during a rolling upgrade or rollback.", command=Op.ACTIVE),
+    Register("VERSIONS", 0x07, Access.RO, (
+        Field("active", 0, 8, "ACTIVE version of this node."),
+        Field("subtree", 8, 8, "Minimum ACTIVE over this node's subtree."),
+        Field("converged", 16, 8, "Cluster-wide converged version (min ACTIVE); 0 = not known yet.")),
+        description="Protocol (firmware) versions as converged by the epoch engine."),
+    Register("SUPPORTED", 0x08, Access.RO, (
+        Field("min", 0, 8, "Lowest link protocol version this build speaks."),
+        Field("max", 8, 8, "Highest link protocol version this build speaks.")),
+        description="Link protocol versions this node supports (board configuration)."),
+    Register("FENCE_MODE", 0x09, Access.RW, (
+        Field("mode", 0, 2, "What the epoch fence does with payload from another epoch.", max=2,
+              values=tuple((f.name, f.value) for f in FenceMode)),),
+        description="Epoch fence of the payload datapath, for every port."),
+    Register("CONFIG", 0x0A, Access.RO, (
+        Field("domains", 0, 9, "Persistence domains (DOMAIN blocks present)."),
+        Field("epoch_width", 16, 6, "Width of epochs in bits.")),
+        description="Epoch engine build parameters (reset column: the default build).", constant=True),
+    _counter("REFUSED", 0x10, "Epoch commands refused (any status but OK)"),
+    _counter("MALFORMED", 0x11, "Epoch messages dropped as malformed"),
+    _counter("MISROUTED", 0x12, "Epoch messages of the wrong type for the port's role"),
+), description="Epoch engine, node-wide: LOCAL, REPORT and COMMITTED epochs, protocol versions, "
+               "control and counters.")
+
+EPOCH_PORT = Block("EPOCH_PORT", 0x0840, 0x08, (
+    Register("ROLE", 0x00, Access.RW, (
+        Field("role", 0, 2, "Role of the link port in the commit tree.", max=2, values=_ROLE_VALUES),),
+        description="Role of link port p in the commit tree: OFF, PARENT (at most one port) or "
+                    "CHILD. A second PARENT is refused with ILLEGAL_VALUE.", command=Op.ROLE),
+    Register("NEIGHBOUR", 0x01, Access.RO, (
+        Field("heard", 0, 1, "CHILD: the child has reported; PARENT: the parent has sent a COMMIT."),
+        Field("version", 8, 8, "Subtree version in the child's latest REPORT.")),
+        description="What the epoch engine has heard on port p."),
+    _value("CHILD_REPORT", 0x02, Access.RO, 32, "Highest REPORT received from the child on port p."),
+    _counter("FENCE_OLDER", 0x03, "Payload messages received on port p from an older epoch"),
+    _counter("FENCE_NEWER", 0x04, "Payload messages received on port p from a newer epoch"),
+    _counter("FENCE_DROPPED", 0x05, "Payload messages dropped by the epoch fence on port p"),
+), description="Epoch engine, per link port p, at 0x840 + 0x8*p.", count=MAX_PORTS, stride=0x08)
+
+DOMAIN = Block("DOMAIN", 0x1000, 0x04, (
+    _value("PERSISTED", 0x00, Access.RW, 32,
+           "PERSISTED epoch of domain d (0 while disabled). Write e once the domain's data for "
+           "epoch e is durable. Epochs only rise: a lower e is refused (REFUSED_LOWER); a "
+           "disabled domain refuses it (REFUSED_DISABLED).", command=Op.PERSIST),
+    _value("ENABLE", 0x01, Access.RW, 32,
+           "Reads 1 while domain d is enabled. Write e to enable it with durable epoch e "
+           "(PERSISTED := e); refused (REFUSED_LOWER) below the node's floor, max(COMMITTED, "
+           "REPORT_SENT), or below PERSISTED of an enabled domain.", command=Op.ENABLE),
+    _value("DISABLE", 0x02, Access.RW, 1,
+           "Write 1 to take domain d out of LOCAL (0 does nothing). Reads 0.", max=1,
+           command=Op.DISABLE),
+), description="Epoch engine, per persistence domain d, at 0x1000 + 0x4*d (domains present: "
+               "EPOCH.CONFIG.domains).", count=MAX_DOMAINS, stride=0x04, count_by="domains")
+
 #: Ranges kept for blocks to come. Everything not in a block or here is unallocated.
 RESERVED_RANGES: tuple[Reserved, ...] = (
     Reserved("LINK_EXT", 0x0500, 0x07FF, "More link-level blocks (e.g. shared link engine, channel model)."),
-    Reserved("EPOCH", 0x0800, 0x08FF,
-             "Epoch engine, global: LOCAL and COMMITTED epochs, protocol versions, control, counters."),
-    Reserved("EPOCH_DOMAIN", 0x1000, 0x1FFF,
-             "Epoch engine, per domain d: PERSISTED epoch and domain status at 0x1000 + 0x4*d "
-             "(up to 1024 domains)."),
+    Reserved("EPOCH_EXT", 0x08C0, 0x08FF, "More epoch engine registers."),
+    Reserved("DOMAIN_EXT", 0x1400, 0x1FFF, "More per-domain registers or domains."),
     Reserved("DEBUG", 0xF000, 0xFFFF, "Debug and test registers."),
 )
 
 
 class RegisterMap:
-    """The registers of one build: the NODE block and ``ports`` PORT block instances.
+    """The registers of one build: the single blocks, ``ports`` instances of the per-port
+    blocks and ``domains`` instances of the per-domain block.
 
-    Look registers up by name (``map["SCRATCH"]``, ``map["PORT1.FRAMES_TX"]``) or address
-    (:meth:`at`). Addresses do not depend on ``ports``; ports beyond it are absent
-    (``BAD_ADDRESS``).
+    Look registers up by name (``map["SCRATCH"]``, ``map["PORT1.FRAMES_TX"]``,
+    ``map["DOMAIN3.PERSISTED"]``) or address (:meth:`at`). Addresses do not depend on
+    ``ports`` or ``domains``; instances beyond them are absent (``BAD_ADDRESS``).
     """
 
     def __init__(self, blocks: Iterable[Block], ports: int | None = None,
-                 reserved: Iterable[Reserved] = (), constants: dict[str, int] | None = None) -> None:
+                 reserved: Iterable[Reserved] = (), constants: dict[str, int] | None = None,
+                 domains: int | None = None) -> None:
         self.blocks = tuple(blocks)
         self._constants = dict(constants or {})
         self.reserved = tuple(reserved)
         self.ports = ports
+        self.domains = domains
         self.instances: tuple[RegisterInstance, ...] = tuple(self._instances())
         self._by_name = {i.name: i for i in self.instances}
         self._by_address = {i.address: i for i in self.instances}
@@ -373,8 +464,9 @@ class RegisterMap:
     def _instances(self) -> Iterator[RegisterInstance]:
         for block in self.blocks:
             count = block.count
-            if block.count > 1 and self.ports is not None and block is PORT:
-                count = self.ports
+            limit = getattr(self, block.count_by, None) if block.count > 1 else None
+            if limit is not None:
+                count = min(count, limit)
             for index in range(count):
                 for reg in block.registers:
                     yield RegisterInstance(block, index if block.count > 1 else None, reg)
@@ -399,17 +491,31 @@ class RegisterMap:
         return self._by_name[name].address
 
 
-def register_map(ports: int = 2) -> RegisterMap:
-    """The register map of a node with ``ports`` link ports."""
+def register_map(ports: int = 2, domains: int = DEFAULT_DOMAINS, epoch_width: int = 32) -> RegisterMap:
+    """The register map of a node with ``ports`` link ports and ``domains`` persistence domains."""
     if not 0 <= ports <= MAX_PORTS:
         raise ValueError(f"ports must be 0..{MAX_PORTS}")
-    return RegisterMap((NODE, PORT), ports=ports, reserved=RESERVED_RANGES,
-                       constants={"CAPS": caps_value(ports)})
+    if not 1 <= domains <= MAX_DOMAINS:
+        raise ValueError(f"domains must be 1..{MAX_DOMAINS}")
+    return RegisterMap((NODE, PORT, EPOCH, EPOCH_PORT, DOMAIN), ports=ports, domains=domains,
+                       reserved=RESERVED_RANGES,
+                       constants={"CAPS": caps_value(ports),
+                                  "CONFIG": epoch_config_value(domains, epoch_width)})
 
 
 def port_address(port: int, name: str) -> int:
     """Address of register ``name`` of link port ``port``."""
     return PORT.instance_base(port) + PORT.register(name).offset
+
+
+def domain_address(domain: int, name: str) -> int:
+    """Address of register ``name`` of persistence domain ``domain``."""
+    return DOMAIN.instance_base(domain) + DOMAIN.register(name).offset
+
+
+def epoch_config_value(domains: int = DEFAULT_DOMAINS, epoch_width: int = 32) -> int:
+    """The ``EPOCH.CONFIG`` value of a build."""
+    return EPOCH.register("CONFIG").encode(domains=domains, epoch_width=epoch_width)
 
 
 def caps_value(ports: int) -> int:
@@ -428,7 +534,8 @@ def _md(text: str) -> str:
 
 def _render_block(block: Block, out: list[str]) -> None:
     if block.count > 1:
-        out.append(f"## {block.name} block (instances at {block.base:#06x} + {block.stride:#x}*p)\n")
+        var = block.count_by[0]
+        out.append(f"## {block.name} block (instances at {block.base:#06x} + {block.stride:#x}*{var})\n")
     else:
         out.append(f"## {block.name} block ({block.base:#06x}-{block.end:#06x})\n")
     if block.description:
@@ -438,9 +545,12 @@ def _render_block(block: Block, out: list[str]) -> None:
     out.append("|---|---|---|---|---|")
     for r in block.registers:
         at = r.offset if block.count > 1 else block.base + r.offset
-        access = r.access.value + (" (const)" if r.constant else "")
-        reset_value = caps_value(2) if r.name == "CAPS" and block is NODE else r.reset
+        access = r.access.value + (" (const)" if r.constant else "") + (" (cmd)" if r.command else "")
+        reset_value = {"CAPS": caps_value(2), "CONFIG": epoch_config_value()}.get(r.name, r.reset) \
+            if r.constant else r.reset
         reset = f"`{reset_value:#010x}`" if r.access is not Access.RO or r.constant else "hw"
+        if r.command:
+            reset = "engine"
         at_text = f"0x{at:02x}" if block.count > 1 else f"{at:#06x}"
         out.append(f"| `{at_text}` | {r.name} | {access} | {reset} | {_md(r.description)} |")
     out.append("")
@@ -472,23 +582,30 @@ def render_markdown() -> str:
         "fields read as 0. Access: RO (read-only, driven by hardware; writes fail with "
         "READ_ONLY), RO (const) (fixed in the bitstream), RW (read/write; writes setting bits "
         "outside the fields, or a field above its maximum, fail with ILLEGAL_VALUE and change "
-        "nothing), W1C (sticky bits set by hardware, writing 1 clears). Accesses to addresses "
-        "without a register fail with BAD_ADDRESS.",
+        "nothing), W1C (sticky bits set by hardware, writing 1 clears), RW (cmd) (a write is "
+        "a command to the epoch engine, which may refuse it with REFUSED_LOWER or "
+        "REFUSED_DISABLED and change nothing; reads return the engine's state). Accesses to "
+        "addresses without a register fail with BAD_ADDRESS.",
         "",
         "## Address space",
         "",
         "| Range | Block | Description |",
         "|---|---|---|",
     ]
-    rows = [(b.base, b.end, b.name, b.description.split(". ")[0]) for b in (NODE, PORT)]
-    rows[1] = (PORT.base, PORT.end, "PORT[0..15]",
-               f"Link port p at {PORT.base:#06x} + {PORT.stride:#x}*p (ports present: CAPS.ports)")
+    rows = [(b.base, b.end, b.name, b.description.split(". ")[0]) for b in (NODE, EPOCH)]
+    rows.append((PORT.base, PORT.end, "PORT[0..15]",
+                 f"Link port p at {PORT.base:#06x} + {PORT.stride:#x}*p (ports present: CAPS.ports)"))
+    rows.append((EPOCH_PORT.base, EPOCH_PORT.end, "EPOCH_PORT[0..15]",
+                 f"Epoch engine, link port p at {EPOCH_PORT.base:#06x} + {EPOCH_PORT.stride:#x}*p"))
+    rows.append((DOMAIN.base, DOMAIN.end, f"DOMAIN[0..{MAX_DOMAINS - 1}]",
+                 f"Persistence domain d at {DOMAIN.base:#06x} + {DOMAIN.stride:#x}*d "
+                 "(domains present: EPOCH.CONFIG.domains)"))
     rows += [(r.start, r.end, f"{r.name} (reserved)", r.description) for r in RESERVED_RANGES]
     for start, end, name, desc in sorted(rows):
         out.append(f"| `{start:#06x}`-`{end:#06x}` | {name} | {_md(desc)} |")
     out.append("")
-    _render_block(NODE, out)
-    _render_block(PORT, out)
+    for block in (NODE, PORT, EPOCH, EPOCH_PORT, DOMAIN):
+        _render_block(block, out)
     out.append("## Register bus status codes\n")
     out.append("| Code | Name | Meaning |")
     out.append("|---|---|---|")
@@ -496,7 +613,11 @@ def render_markdown() -> str:
         Status.OK: "done",
         Status.BAD_ADDRESS: "no register at the address; nothing changed",
         Status.READ_ONLY: "write to a RO register; nothing changed",
-        Status.ILLEGAL_VALUE: "write refused by the register's validation rule; nothing changed",
+        Status.ILLEGAL_VALUE: "write refused by the register's validation rule (or the epoch "
+                              "engine's: ACTIVE 0, a second PARENT port); nothing changed",
+        Status.REFUSED_DISABLED: "epoch command refused: PERSISTED written to a disabled domain; "
+                                 "nothing changed",
+        Status.REFUSED_LOWER: "epoch command refused: the epoch would go down; nothing changed",
     }
     for s, text in meaning.items():
         out.append(f"| {int(s)} | {s.name} | {text} |")

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "MSG_LEN", "FLAG_SOLICIT", "VERSION_BITS", "CMD_VALUE_BITS", "MsgType", "Role", "Op",
-    "CmdStatus", "Message", "MessageError", "encode", "decode",
+    "CmdStatus", "FenceMode", "Message", "MessageError", "encode", "decode",
 ]
 
 #: Bytes per message.
@@ -90,6 +90,13 @@ class CmdStatus(enum.IntEnum):
     DISABLED = 2    #: PERSIST to a disabled domain
     LOWER = 3       #: would lower PERSISTED, or ENABLE below the node's floor (see docs)
     ILLEGAL = 4     #: unknown op, value out of range, a second PARENT port
+
+
+class FenceMode(enum.IntEnum):
+    """What a node's epoch fence does with payload from another epoch (see :mod:`~epochlink.hdl.fence`)."""
+    PASS = 0     #: deliver it
+    MARK = 1     #: deliver it with the mark bit set in its tag
+    DROP = 2     #: discard it (counted)
 
 
 class MessageError(ValueError):

@@ -15,13 +15,12 @@ The tag is delivered with the message, so the consumer sees which epoch its data
 A message with no body after its tag cannot be classified: it is dropped and counted in
 ``malformed``.
 """
-import enum
-
 from amaranth import *
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
 from .common import message_signature
+from .epoch_format import FenceMode
 
 __all__ = ["TAG_BYTES", "MARK_BIT", "FenceMode", "EpochTagger", "EpochFence", "encode_tag", "decode_tag"]
 
@@ -29,10 +28,6 @@ TAG_BYTES = 5
 MARK_BIT = 0x80
 
 
-class FenceMode(enum.IntEnum):
-    PASS = 0
-    MARK = 1
-    DROP = 2
 
 
 def encode_tag(epoch: int, version: int) -> bytes:

@@ -30,12 +30,14 @@ __all__ = ["BusStatus", "BusRequest", "BusResponse", "bus_signature", "register_
            "block_signature", "RegisterBank"]
 
 
-class BusStatus(enum.Enum, shape=2):
+class BusStatus(enum.Enum, shape=3):
     """Status of a register bus access (same codes as :class:`epochlink.hostproto.Status`)."""
     OK = int(Status.OK)
     BAD_ADDRESS = int(Status.BAD_ADDRESS)
     READ_ONLY = int(Status.READ_ONLY)
     ILLEGAL_VALUE = int(Status.ILLEGAL_VALUE)
+    REFUSED_DISABLED = int(Status.REFUSED_DISABLED)
+    REFUSED_LOWER = int(Status.REFUSED_LOWER)
 
 
 class BusRequest(data.Struct):
@@ -60,7 +62,9 @@ def bus_signature() -> wiring.Signature:
 
     ``req`` carries requests (valid/ready). ``rsp`` returns exactly one response per
     accepted request, in order; it cannot be stalled, so the requester must be able to take
-    it (the :class:`RegisterBank` answers in the cycle after accepting the request).
+    it. The :class:`RegisterBank` answers in the cycle after accepting the request; other
+    responders (:class:`~epochlink.hdl.epoch_regs.EpochRegisters`) take longer, so a
+    requester waits for the response before its next request.
     """
     return wiring.Signature({
         "req": Out(stream.Signature(BusRequest)),
@@ -84,6 +88,8 @@ def block_signature(block: Block) -> wiring.Signature | None:
     """Hardware-facing ports of one instance of ``block`` (seen from the bank)."""
     members = {}
     for reg in block.registers:
+        if reg.command is not None:
+            continue            # served by the epoch engine, not the bank
         name = reg.name.lower()
         shape = register_shape(reg)
         if reg.access is Access.RO:
@@ -102,7 +108,8 @@ class RegisterBank(wiring.Component):
     """Register bank built from a :class:`~epochlink.registers.RegisterMap`.
 
     Accepts one request per cycle (``bus.req.ready`` is always 1) and answers it in the next
-    cycle on ``bus.rsp``. Refused accesses (``BAD_ADDRESS``, ``READ_ONLY``,
+    cycle on ``bus.rsp``. Command registers (``Register.command``) are not in the bank: they
+    answer ``BAD_ADDRESS`` here, and a NIC routes them to the epoch engine instead. Refused accesses (``BAD_ADDRESS``, ``READ_ONLY``,
     ``ILLEGAL_VALUE``) change nothing and raise no strobe. The validation rule of an RW
     register (no bits outside its fields, fields within their ``max``) is checked in
     hardware.
@@ -165,7 +172,8 @@ class RegisterBank(wiring.Component):
         m.d.sync += rsp.valid.eq(req.valid)
 
         # Hardware-side behaviour that happens regardless of the bus.
-        for inst in self.regmap:
+        served = [inst for inst in self.regmap if inst.register.command is None]
+        for inst in served:
             reg = inst.register
             if reg.access is Access.RW:
                 m.d.sync += self.hw_strobe(inst.name).eq(0)
@@ -176,7 +184,7 @@ class RegisterBank(wiring.Component):
 
         with m.If(req.valid):
             with m.Switch(addr):
-                for inst in self.regmap:
+                for inst in served:
                     reg = inst.register
                     with m.Case(inst.address):
                         if reg.constant:

@@ -211,8 +211,8 @@ def test_node_error_responses(server):
                 node.write(reg, value)
             assert info.value.status is status and info.value.code == int(status)
         with pytest.raises(ErrorResponse) as info:
-            node.read(0x0800)
-        assert info.value.status is Status.BAD_ADDRESS and info.value.addr == 0x0800
+            node.read(0x08F0)
+        assert info.value.status is Status.BAD_ADDRESS and info.value.addr == 0x08F0
         # An error in the middle of a batch: the rest still drains, the link stays usable.
         with pytest.raises(ErrorResponse):
             node.read_many(["SCRATCH", 0x0FFF, "SCRATCH", "MAGIC"])

@@ -66,8 +66,24 @@ def test_addresses_unique_and_outside_reserved_ranges():
     assert all(0 <= a <= 0xFFFF for a in addrs)
     for r in R.RESERVED_RANGES:
         assert not any(r.start <= a <= r.end for a in addrs)
-    names = {r.name for r in R.RESERVED_RANGES}
-    assert {"EPOCH", "EPOCH_DOMAIN"} <= names
+    full = register_map(R.MAX_PORTS, R.MAX_DOMAINS)
+    assert len({i.address for i in full}) == len(full)
+    assert full.at(R.domain_address(R.MAX_DOMAINS - 1, "DISABLE")).name == "DOMAIN255.DISABLE"
+
+
+def test_epoch_blocks_follow_the_build():
+    m = register_map(ports=2, domains=5)
+    assert "DOMAIN4.PERSISTED" in m and "DOMAIN5.PERSISTED" not in m
+    assert "EPOCH_PORT1.ROLE" in m and "EPOCH_PORT2.ROLE" not in m
+    config = m["CONFIG"].register.decode(m.reset(m["CONFIG"]))
+    assert config == {"domains": 5, "epoch_width": 32}
+    commands = {i.name for i in m if i.register.command is not None}
+    assert commands == {"ONLINE", "ACTIVE", "EPOCH_PORT0.ROLE", "EPOCH_PORT1.ROLE",
+                        *(f"DOMAIN{d}.{r}" for d in range(5) for r in ("PERSISTED", "ENABLE", "DISABLE"))}
+    with pytest.raises(ValueError):
+        register_map(domains=0)
+    with pytest.raises(ValueError):
+        register_map(domains=R.MAX_DOMAINS + 1)
 
 
 def test_write_rules():
@@ -111,7 +127,7 @@ def test_malformed_maps_rejected():
 def test_docs_generated_and_in_sync():
     text = R.render_markdown()
     assert "| `0x0004` | SCRATCH | RW |" in text
-    assert "EPOCH_DOMAIN" in text
+    assert "DOMAIN_EXT" in text and "| `0x0804` | COMMITTED | RO | hw |" in text
     for inst in register_map(1):
         assert inst.register.name in text
     out = subprocess.run([sys.executable, "-m", "epochlink.registers"], capture_output=True,
