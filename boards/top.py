@@ -39,6 +39,7 @@ from amaranth.lib import io, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
+from ..hdl.channel import LiteChannel
 from ..hdl.common import phy_rx_signature, phy_tx_signature
 from ..hdl.frame import LINK_COUNTERS
 from ..hdl.serdes import SerialPHY, SerialReceiver, SerialTransmitter, divisor_for
@@ -376,41 +377,6 @@ class SelfTestCore(wiring.Component):
             ]
 
         m.d.comb += self.fault.eq(fault.any())
-        return m
-
-
-class LiteChannel(wiring.Component):
-    """A slim :class:`~epochlink.hdl.channel.ChannelModel` for small FPGAs (delay 1, the
-    same ``tx``/``rx``/``error_threshold``/``cut`` ports, no bursts, no statistics).
-
-    Error events come from a 16-bit maximal-length LFSR compared with the top 16 bits of
-    ``error_threshold``: P(event per byte) is ``error_threshold[16:32] / 2**16`` (the low
-    16 bits are ignored, so the smallest nonzero rate is 2**-16 per byte), and an event flips
-    one bit chosen by three other LFSR bits. 0 injects nothing, as in the full model.
-    """
-
-    tx: In(phy_tx_signature())
-    rx: Out(phy_rx_signature())
-    error_threshold: In(32)
-    cut: In(1)
-
-    def __init__(self, *, seed=1):
-        self.seed = 1 + (seed * 0x9E37) % 0xFFFF
-        super().__init__()
-
-    def elaborate(self, platform):
-        m = Module()
-        lfsr = Signal(16, init=self.seed)
-        # Galois LFSR x^16 + x^14 + x^13 + x^11 + 1 (period 2**16 - 1, never 0)
-        m.d.sync += lfsr.eq((lfsr >> 1) ^ Mux(lfsr[0], 0xB400, 0))
-        event = Signal()
-        flip_bit = Signal(3)
-        m.d.sync += [event.eq(lfsr < self.error_threshold[16:]), flip_bit.eq(lfsr[5:8])]
-        # The random decision is registered: it applies to the next byte (same statistics).
-        flip = Cat(*(event & (flip_bit == i) for i in range(8)))
-        m.d.comb += self.tx.ready.eq(1)
-        m.d.sync += [self.rx.valid.eq(self.tx.valid & ~self.cut),
-                     self.rx.payload.eq(self.tx.payload ^ flip)]
         return m
 
 

@@ -22,7 +22,7 @@ from amaranth.lib.wiring import In, Out
 
 from .common import phy_rx_signature, phy_tx_signature
 
-__all__ = ["ChannelModel", "ber_to_threshold", "threshold_to_byte_error_probability"]
+__all__ = ["ChannelModel", "LiteChannel", "ber_to_threshold", "threshold_to_byte_error_probability"]
 
 _U32 = (1 << 32) - 1
 _U64 = (1 << 64) - 1
@@ -212,4 +212,39 @@ class ChannelModel(wiring.Component):
             with m.Else():
                 m.d.sync += self.bytes_out.eq(self.bytes_out + 1)
 
+        return m
+
+
+class LiteChannel(wiring.Component):
+    """A slim :class:`~epochlink.hdl.channel.ChannelModel` for small FPGAs (delay 1, the
+    same ``tx``/``rx``/``error_threshold``/``cut`` ports, no bursts, no statistics).
+
+    Error events come from a 16-bit maximal-length LFSR compared with the top 16 bits of
+    ``error_threshold``: P(event per byte) is ``error_threshold[16:32] / 2**16`` (the low
+    16 bits are ignored, so the smallest nonzero rate is 2**-16 per byte), and an event flips
+    one bit chosen by three other LFSR bits. 0 injects nothing, as in the full model.
+    """
+
+    tx: In(phy_tx_signature())
+    rx: Out(phy_rx_signature())
+    error_threshold: In(32)
+    cut: In(1)
+
+    def __init__(self, *, seed=1):
+        self.seed = 1 + (seed * 0x9E37) % 0xFFFF
+        super().__init__()
+
+    def elaborate(self, platform):
+        m = Module()
+        lfsr = Signal(16, init=self.seed)
+        # Galois LFSR x^16 + x^14 + x^13 + x^11 + 1 (period 2**16 - 1, never 0)
+        m.d.sync += lfsr.eq((lfsr >> 1) ^ Mux(lfsr[0], 0xB400, 0))
+        event = Signal()
+        flip_bit = Signal(3)
+        m.d.sync += [event.eq(lfsr < self.error_threshold[16:]), flip_bit.eq(lfsr[5:8])]
+        # The random decision is registered: it applies to the next byte (same statistics).
+        flip = Cat(*(event & (flip_bit == i) for i in range(8)))
+        m.d.comb += self.tx.ready.eq(1)
+        m.d.sync += [self.rx.valid.eq(self.tx.valid & ~self.cut),
+                     self.rx.payload.eq(self.tx.payload ^ flip)]
         return m

@@ -1,0 +1,227 @@
+"""The complete epochlink NIC behind its host UART: what a board or a simulated node runs.
+
+::
+
+    uart_rx ─► UARTHostLink ─bus─► router ─┬─► RegisterBank ── status, control, counters
+    uart_tx ◄─                             └─► EpochRegisters ─cmd/rsp─┐
+                                                                       ▼
+    phy_rx[p] ─► channel model[p] ─────────────────────────────► NICNode (EpochEngine,
+    phy_tx[p] ◄──────────────────────────────────────────────────  LinkEngine per port,
+                                                                    epoch tag and fence)
+
+The register map (:func:`epochlink.registers.register_map`) is the one source: the bank
+serves every register but the epoch engine's command registers, which the router sends to
+:class:`~epochlink.hdl.epoch_regs.EpochRegisters`.
+"""
+from amaranth import Module, Mux, Signal
+from amaranth.lib import wiring
+
+from epochlink.registers import register_map
+
+from .channel import ChannelModel, LiteChannel
+from .epoch_regs import EpochRegisters, command_addresses
+from .frame import LINK_COUNTERS, LinkState
+from .hostlink import UARTHostLink
+from .node import NICNode
+from .regbank import RegisterBank
+
+__all__ = ["NICCore"]
+
+
+def _nic_core_signature(ports):
+    from epochlink.boards.top import NICCoreSignature     # boards/top.py owns the interface
+    return NICCoreSignature(ports)
+
+
+class NICCore(wiring.Component):
+    """The epochlink NIC: a :class:`~epochlink.hdl.node.NICNode` (epoch engine, one link engine
+    per port, epoch-tagged datapath) behind the host link and the register map, with the
+    :class:`~epochlink.boards.top.NICCoreSignature` interface that board tops and simulated
+    clusters instantiate.
+
+    Per port ``p``: ``PORTp.CONTROL.enable`` drives the link engine's enable;
+    ``PORTp.CONTROL.loopback`` disconnects the PHY and feeds the port's transmit stream back
+    into its own receiver. In both modes received bytes pass through a channel model driven by
+    ``CHAN_ERROR_THRESHOLD`` and ``CHAN_CUT`` (fault injection; 0 = transparent). ``EVENTS`` bits
+    are set when ``LINK_DOWNS``, ``CRC_ERRORS``, ``MALFORMED`` or ``ABORTS`` move. Epoch
+    registers (``EPOCH.*``, ``EPOCH_PORTp.*``, ``DOMAINd.*``) come from the epoch engine.
+    Payload: nothing is offered on the ports' payload inputs yet and arriving payload is
+    taken and counted by the fence (the host payload path is not part of this core).
+
+    Parameters
+    ----------
+    ports : int
+        Link ports.
+    clk_hz : float
+        Frequency of the ``sync`` domain.
+    baud : int
+        Host UART baud rate (default: the host library's ``DEFAULT_BAUDRATE``).
+    node_id : int
+        ``NODE_ID`` (16 bits), sent to peers during link bring-up.
+    domains : int
+        Persistence domains of the epoch engine.
+    ver_min, ver_max : int
+        Link protocol versions this build supports (``EPOCH.SUPPORTED``).
+    window, max_payload, counter_width : int
+        :class:`~epochlink.hdl.link.LinkEngine` parameters. With ``counter_width`` < 32 the
+        counter registers wrap at ``2**counter_width``.
+    channel : str
+        ``"full"``: a :class:`~epochlink.hdl.channel.ChannelModel` per port; ``"lite"``: a
+        :class:`~epochlink.hdl.channel.LiteChannel` (for small FPGAs).
+    link_args :
+        More :class:`~epochlink.hdl.link.LinkEngine` parameters (timers).
+    """
+
+    def __init__(self, *, ports, clk_hz, baud=None, node_id=1, domains=8, ver_min=1, ver_max=1,
+                 window=8, max_payload=64, counter_width=32, channel="full", **link_args):
+        from epochlink.host.transport import DEFAULT_BAUDRATE
+        from epochlink.registers import MAX_PORTS
+
+        if not 1 <= ports <= MAX_PORTS:
+            raise ValueError(f"ports must be 1..{MAX_PORTS}, not {ports}")
+        if not 0 <= node_id < 1 << 16:
+            raise ValueError(f"node_id must fit in 16 bits, not {node_id}")
+        if not 1 <= ver_min <= ver_max <= 255:
+            raise ValueError(f"need 1 <= ver_min <= ver_max <= 255, not {ver_min}..{ver_max}")
+        if channel not in ("full", "lite"):
+            raise ValueError(f"channel must be 'full' or 'lite', not {channel!r}")
+        self.ports = ports
+        self.clk_hz = clk_hz
+        self.baud = baud or DEFAULT_BAUDRATE
+        self.node_id = node_id
+        self.domains = domains
+        self.ver_min, self.ver_max = ver_min, ver_max
+        self.channel = channel
+        self.counter_width = counter_width
+        self.node_args = dict(ports=ports, domains=domains, window=window,
+                              max_payload=max_payload, counter_width=counter_width, **link_args)
+        self.regmap = register_map(ports, domains)
+        super().__init__(_nic_core_signature(ports))
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.host = host = UARTHostLink.for_clock(self.clk_hz, self.baud)
+        m.submodules.bank = bank = RegisterBank(self.regmap)
+        m.submodules.epoch_regs = eregs = EpochRegisters(self.regmap)
+        m.submodules.node = node = NICNode(**self.node_args)
+        reg = bank.hw_port
+
+        self._route(m, host.bus, bank.bus, eregs.bus)
+        wiring.connect(m, eregs.cmd, node.cmd)
+        wiring.connect(m, node.rsp, eregs.rsp)
+        epoch = node.epoch
+        m.d.comb += [
+            eregs.online.eq(epoch.online),
+            eregs.active.eq(epoch.active),
+            *(eregs.role[p].eq(epoch.port[p].role) for p in range(self.ports)),
+        ]
+
+        m.d.comb += [
+            host.rx.eq(self.uart_rx),
+            self.uart_tx.eq(host.tx),
+            node.node_id.eq(self.node_id),
+            node.ver_min.eq(self.ver_min),
+            node.ver_max.eq(self.ver_max),
+            node.fence_mode.eq(reg("FENCE_MODE")),
+            reg("NODE_ID").eq(self.node_id),
+            reg("HOST_FRAMES").eq(host.frames_ok),
+            reg("HOST_ERRORS").eq(host.frame_errors),
+            reg("HOST_DISCARDED").eq(host.discarded),
+            reg("UART_FRAMING_ERRORS").eq(host.framing_errors),
+            reg("UART_OVERRUNS").eq(host.overruns),
+            reg("STATUS").online.eq(epoch.online),
+            reg("STATUS").local_valid.eq(epoch.local_valid),
+            reg("STATUS").report_valid.eq(epoch.report_valid),
+            reg("LOCAL").eq(epoch.local),
+            reg("REPORT").eq(epoch.report),
+            reg("REPORT_SENT").eq(epoch.report_sent),
+            reg("COMMITTED").eq(epoch.committed),
+            reg("VERSIONS").active.eq(epoch.active),
+            reg("VERSIONS").subtree.eq(epoch.version_report),
+            reg("VERSIONS").converged.eq(epoch.version_converged),
+            reg("SUPPORTED").min.eq(self.ver_min),
+            reg("SUPPORTED").max.eq(self.ver_max),
+            reg("REFUSED").eq(epoch.refused),
+            reg("MALFORMED").eq(epoch.malformed),
+            reg("MISROUTED").eq(epoch.misrouted),
+        ]
+
+        fault = Signal(self.ports)
+        for p in range(self.ports):
+            self._port(m, p, node, bank, fault)
+        m.d.comb += self.fault.eq(fault.any())
+        return m
+
+    def _route(self, m, host_bus, bank_bus, epoch_bus):
+        """Send command-register accesses to the epoch engine, the rest to the bank."""
+        req = host_bus.req
+        to_epoch = Signal()
+        with m.Switch(req.payload.addr):
+            with m.Case(*command_addresses(self.regmap)):
+                m.d.comb += to_epoch.eq(1)
+        for target, selected in ((bank_bus, ~to_epoch), (epoch_bus, to_epoch)):
+            m.d.comb += [target.req.payload.eq(req.payload),
+                         target.req.valid.eq(req.valid & selected)]
+        m.d.comb += [
+            req.ready.eq(Mux(to_epoch, epoch_bus.req.ready, bank_bus.req.ready)),
+            # The host link waits for each answer, so at most one responder answers at a time.
+            host_bus.rsp.valid.eq(bank_bus.rsp.valid | epoch_bus.rsp.valid),
+            host_bus.rsp.payload.eq(Mux(epoch_bus.rsp.valid, epoch_bus.rsp.payload,
+                                        bank_bus.rsp.payload)),
+        ]
+
+    def _port(self, m, p, node, bank, fault):
+        reg = lambda name: bank.hw_port(f"PORT{p}.{name}")             # noqa: E731
+        ereg = lambda name: bank.hw_port(f"EPOCH_PORT{p}.{name}")      # noqa: E731
+        if self.channel == "full":
+            channel = ChannelModel(delay=1, seed=p + 1)
+        else:
+            channel = LiteChannel(seed=p + 1)
+        m.submodules[f"channel{p}"] = channel
+        phy_tx, phy_rx, status = self.phy_tx[p], self.phy_rx[p], node.link[p]
+        engine_tx, engine_rx = node.phy_tx[p], node.phy_rx[p]
+        loopback = reg("CONTROL").loopback
+        m.d.comb += [
+            node.link_enable[p].eq(reg("CONTROL").enable),
+            node.payload_in[p].valid.eq(0),
+            node.payload_out[p].ready.eq(1),
+            # Transmit: to the PHY, or straight back into this port's receive path.
+            phy_tx.valid.eq(engine_tx.valid & ~loopback),
+            phy_tx.payload.eq(engine_tx.payload),
+            engine_tx.ready.eq(loopback | phy_tx.ready),
+            # Receive: from the PHY (or the loopback) through the channel model.
+            channel.tx.valid.eq(Mux(loopback, engine_tx.valid, phy_rx.valid)),
+            channel.tx.payload.eq(Mux(loopback, engine_tx.payload, phy_rx.payload)),
+            channel.error_threshold.eq(reg("CHAN_ERROR_THRESHOLD")),
+            channel.cut.eq(reg("CHAN_CUT")),
+            engine_rx.valid.eq(channel.rx.valid),
+            engine_rx.payload.eq(channel.rx.payload),
+            # Status registers.
+            reg("LINK_STATE").state.eq(status.state),
+            reg("LINK_STATE").version.eq(status.version),
+            reg("PEER_ID").eq(status.peer_id),
+            ereg("NEIGHBOUR").heard.eq(node.epoch.port[p].heard),
+            ereg("NEIGHBOUR").version.eq(node.epoch.port[p].child_version),
+            ereg("CHILD_REPORT").eq(node.epoch.port[p].child_report),
+            ereg("FENCE_OLDER").eq(node.fence_older[p]),
+            ereg("FENCE_NEWER").eq(node.fence_newer[p]),
+            ereg("FENCE_DROPPED").eq(node.fence_dropped[p]),
+        ]
+        for name in LINK_COUNTERS:
+            m.d.comb += reg(name.upper()).eq(getattr(status, name))
+
+        # EVENTS: a counter moved. Watching a change of the whole counter (not bit 0) catches
+        # any step size.
+        events_set = bank.hw_set(f"PORT{p}.EVENTS")
+        for field, counter in (("link_down", "link_downs"), ("crc_error", "crc_errors"),
+                               ("malformed", "malformed"), ("abort", "aborts")):
+            value = getattr(status, counter)
+            last = Signal.like(value, name=f"last_{counter}{p}")
+            m.d.sync += last.eq(value)
+            m.d.comb += getattr(events_set, field).eq(value != last)
+
+        m.d.comb += [
+            self.link_up[p].eq(status.state == LinkState.UP),
+            self.activity[p].eq(phy_rx.valid | (phy_tx.valid & phy_tx.ready)),
+            fault[p].eq(self.phy_error[p] | events_set.as_value().any()),
+        ]
