@@ -21,16 +21,14 @@ member          direction (core's view)                  meaning
 
 Cores available here (:data:`CORES`; :func:`default_core` picks the default):
 
-* ``"nic"``, :class:`LinkNICCore`: the epochlink NIC, a
-  :class:`~epochlink.hdl.link.LinkEngine` per port behind the host link and register bank.
+* ``"nic"``, :class:`~epochlink.hdl.nic.NICCore`: the epochlink NIC, the epoch engine and a
+  :class:`~epochlink.hdl.link.LinkEngine` per port behind the host link and register map.
 * ``"selftest"``, :class:`SelfTestCore`: a link bit-error-rate tester. Every port sends a
   PRBS-15 byte stream and checks the stream it receives with a self-synchronising checker;
   the host UART (115200 8N1) prints per-port counters on request. Needs nothing but the PHY,
   so it proves the board flow, the wiring between boards and the PHY at the chosen rate.
 
-Integration points: :class:`LinkNICCore` (engine, host link, register bank and channel model
-wiring; the engines' ``payload_in``/``ctrl_in``/``payload_out``/``ctrl_out`` are where the
-epoch engine attaches) and :func:`default_core`.
+Integration point: :func:`default_core`.
 """
 import math
 
@@ -40,6 +38,7 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from ..hdl.channel import LiteChannel
+from ..hdl.nic import NICCore, NICCoreSignature
 from ..hdl.common import phy_rx_signature, phy_tx_signature
 from ..hdl.frame import LINK_COUNTERS
 from ..hdl.serdes import SerialPHY, SerialReceiver, SerialTransmitter, divisor_for
@@ -58,34 +57,6 @@ LINK_BIT_RATE = 9.6e6
 #: One line of the self-test report per port (``#`` port, ``S`` state, ``R``/``B``/``E``
 #: hex digits of received bytes, bad bytes and PHY errors, most significant first).
 REPORT_LINE = "P# SSSS rx RRRRRRRR bad BBBBBBBB err EEEEEEEE\r\n"
-
-
-class NICCoreSignature(wiring.Signature):
-    """Interface between a board top and the NIC core it instantiates (core's view).
-
-    Parameters
-    ----------
-    ports : int
-        Number of link ports.
-    """
-
-    def __init__(self, ports):
-        if not isinstance(ports, int) or ports < 1:
-            raise ValueError(f"ports must be a positive integer, not {ports!r}")
-        self.ports = ports
-        super().__init__({
-            "phy_tx": Out(phy_tx_signature()).array(ports),
-            "phy_rx": In(phy_rx_signature()).array(ports),
-            "phy_error": In(ports),
-            "uart_rx": In(1, init=1),
-            "uart_tx": Out(1, init=1),
-            "link_up": Out(ports),
-            "activity": Out(ports),
-            "fault": Out(1),
-        })
-
-    def __repr__(self):
-        return f"NICCoreSignature({self.ports})"
 
 
 def _prbs15_next_byte(history):
@@ -380,147 +351,9 @@ class SelfTestCore(wiring.Component):
         return m
 
 
-class LinkNICCore(wiring.Component):
-    """The epochlink NIC: one :class:`~epochlink.hdl.link.LinkEngine` per port, and the host
-    link (:class:`~epochlink.hdl.hostlink.UARTHostLink`) with the register bank
-    (:class:`~epochlink.hdl.regbank.RegisterBank`) of :func:`epochlink.registers.register_map`
-    on the host UART.
-
-    Per port ``p`` (registers ``PORTp.*``): ``CONTROL.enable`` drives the engine's ``enable``;
-    ``CONTROL.loopback`` disconnects the PHY and feeds the engine's transmit stream back into
-    its own receiver (the port talks to itself). In both modes the received bytes pass through
-    a :class:`~epochlink.hdl.channel.ChannelModel` driven by ``CHAN_ERROR_THRESHOLD`` and
-    ``CHAN_CUT`` (fault injection; 0 = transparent). ``LINK_STATE``, ``PEER_ID`` and the
-    counters come from the engine's ``status``; ``EVENTS`` bits are set when ``LINK_DOWNS``,
-    ``CRC_ERRORS``, ``MALFORMED`` or ``ABORTS`` count.
-
-    Message interface: until the epoch engine is attached, nothing is offered on the engines'
-    ``payload_in``/``ctrl_in`` and everything delivered on ``payload_out``/``ctrl_out`` is
-    accepted and dropped (counted in ``DELIVERED``); links come up and exchange heartbeats.
-
-    Parameters
-    ----------
-    ports : int
-        Link ports.
-    clk_hz : float
-        Frequency of the ``sync`` domain.
-    baud : int
-        Host UART baud rate (default: the host library's ``DEFAULT_BAUDRATE``).
-    node_id : int
-        This node's ``NODE_ID`` (16 bits), sent to peers during link bring-up.
-    window, max_payload, counter_width : int
-        :class:`~epochlink.hdl.link.LinkEngine` parameters (board tops choose them, see
-        :attr:`BoardTop.nic_args`). With ``counter_width`` < 32 the counter registers wrap
-        at ``2**counter_width``.
-    channel : str
-        ``"full"``: a :class:`~epochlink.hdl.channel.ChannelModel` per port; ``"lite"``: a
-        :class:`LiteChannel` (16-bit error threshold resolution, for small FPGAs).
-    """
-
-    def __init__(self, *, ports, clk_hz, baud=None, node_id=1, window=8, max_payload=64,
-                 counter_width=32, channel="full"):
-        from ..host.transport import DEFAULT_BAUDRATE
-        from ..registers import MAX_PORTS
-
-        if not 1 <= ports <= MAX_PORTS:
-            raise ValueError(f"ports must be 1..{MAX_PORTS}, not {ports}")
-        if not 0 <= node_id < 1 << 16:
-            raise ValueError(f"node_id must fit in 16 bits, not {node_id}")
-        self.ports = ports
-        self.clk_hz = clk_hz
-        self.baud = baud or DEFAULT_BAUDRATE
-        self.node_id = node_id
-        if channel not in ("full", "lite"):
-            raise ValueError(f"channel must be 'full' or 'lite', not {channel!r}")
-        self.window = window
-        self.max_payload = max_payload
-        self.counter_width = counter_width
-        self.channel = channel
-        super().__init__(NICCoreSignature(ports))
-
-    def elaborate(self, platform):
-        from ..hdl.channel import ChannelModel
-        from ..hdl.frame import LinkState
-        from ..hdl.hostlink import UARTHostLink
-        from ..hdl.link import LinkEngine
-        from ..hdl.regbank import RegisterBank
-        from ..registers import register_map
-
-        m = Module()
-        m.submodules.host = host = UARTHostLink.for_clock(self.clk_hz, self.baud)
-        m.submodules.bank = bank = RegisterBank(register_map(self.ports))
-        wiring.connect(m, host.bus, bank.bus)
-        m.d.comb += [
-            host.rx.eq(self.uart_rx),
-            self.uart_tx.eq(host.tx),
-            bank.hw_port("NODE_ID").eq(self.node_id),
-            bank.hw_port("HOST_FRAMES").eq(host.frames_ok),
-            bank.hw_port("HOST_ERRORS").eq(host.frame_errors),
-            bank.hw_port("HOST_DISCARDED").eq(host.discarded),
-            bank.hw_port("UART_FRAMING_ERRORS").eq(host.framing_errors),
-            bank.hw_port("UART_OVERRUNS").eq(host.overruns),
-        ]
-
-        fault = Signal(self.ports)
-        for p in range(self.ports):
-            reg = lambda name: bank.hw_port(f"PORT{p}.{name}")         # noqa: E731
-            m.submodules[f"engine{p}"] = engine = LinkEngine(
-                window=self.window, max_payload=self.max_payload,
-                counter_width=self.counter_width)
-            if self.channel == "full":
-                channel = ChannelModel(delay=1, seed=p + 1)
-            else:
-                channel = LiteChannel(seed=p + 1)
-            m.submodules[f"channel{p}"] = channel
-            phy_tx, phy_rx, status = self.phy_tx[p], self.phy_rx[p], engine.status
-            control = reg("CONTROL")
-            loopback = control.loopback
-
-            m.d.comb += [
-                engine.node_id.eq(self.node_id),
-                engine.enable.eq(control.enable),
-                engine.payload_out.ready.eq(1),
-                engine.ctrl_out.ready.eq(1),
-                # Transmit: to the PHY, or straight back into this port's receive path.
-                phy_tx.valid.eq(engine.phy_tx.valid & ~loopback),
-                phy_tx.payload.eq(engine.phy_tx.payload),
-                engine.phy_tx.ready.eq(loopback | phy_tx.ready),
-                # Receive: from the PHY (or the loopback) through the channel model.
-                channel.tx.valid.eq(Mux(loopback, engine.phy_tx.valid, phy_rx.valid)),
-                channel.tx.payload.eq(Mux(loopback, engine.phy_tx.payload, phy_rx.payload)),
-                channel.error_threshold.eq(reg("CHAN_ERROR_THRESHOLD")),
-                channel.cut.eq(reg("CHAN_CUT")),
-                # Status registers.
-                reg("LINK_STATE").state.eq(status.state),
-                reg("LINK_STATE").version.eq(status.version),
-                reg("PEER_ID").eq(status.peer_id),
-            ]
-            wiring.connect(m, channel.rx, engine.phy_rx)
-            for name in LINK_COUNTERS:
-                m.d.comb += reg(name.upper()).eq(getattr(status, name))
-
-            # EVENTS: a counter moved (it moves by at most one per cycle: watch bit 0).
-            events_set = bank.hw_set(f"PORT{p}.EVENTS")
-            for field, counter in (("link_down", "link_downs"), ("crc_error", "crc_errors"),
-                                   ("malformed", "malformed"), ("abort", "aborts")):
-                lsb = getattr(status, counter)[0]
-                last = Signal(name=f"last_{counter}{p}")
-                m.d.sync += last.eq(lsb)
-                m.d.comb += getattr(events_set, field).eq(lsb != last)
-
-            m.d.comb += [
-                self.link_up[p].eq(status.state == LinkState.UP),
-                self.activity[p].eq(phy_rx.valid | (phy_tx.valid & phy_tx.ready)),
-                fault[p].eq(self.phy_error[p] | events_set.as_value().any()),
-            ]
-
-        m.d.comb += self.fault.eq(fault.any())
-        return m
-
-
 #: Core factories by name: ``factory(ports=..., clk_hz=...)`` -> NIC core component.
 CORES = {
-    "nic": LinkNICCore,
+    "nic": NICCore,
     "selftest": SelfTestCore,
 }
 
@@ -528,7 +361,7 @@ CORES = {
 def default_core():
     """Name of the core that board builds use when none is chosen.
 
-    Integration point: ``"nic"`` (:class:`LinkNICCore`) is the real NIC. It becomes the
+    Integration point: ``"nic"`` (:class:`~epochlink.hdl.nic.NICCore`) is the real NIC. It becomes the
     default once it fits and meets timing on both boards (``python -m epochlink.boards build
     <board> --core nic`` reports both); until then the default is the PHY self-test.
     """

@@ -15,28 +15,53 @@ serves every register but the epoch engine's command registers, which the router
 """
 from amaranth import Module, Mux, Signal
 from amaranth.lib import wiring
+from amaranth.lib.wiring import In, Out
 
 from epochlink.registers import register_map
 
 from .channel import ChannelModel, LiteChannel
+from .common import phy_rx_signature, phy_tx_signature
 from .epoch_regs import EpochRegisters, command_addresses
 from .frame import LINK_COUNTERS, LinkState
 from .hostlink import UARTHostLink
 from .node import NICNode
 from .regbank import RegisterBank
 
-__all__ = ["NICCore"]
+__all__ = ["NICCoreSignature", "NICCore"]
 
 
-def _nic_core_signature(ports):
-    from epochlink.boards.top import NICCoreSignature     # boards/top.py owns the interface
-    return NICCoreSignature(ports)
+class NICCoreSignature(wiring.Signature):
+    """Interface between a board top and the NIC core it instantiates (core's view).
+
+    Parameters
+    ----------
+    ports : int
+        Number of link ports.
+    """
+
+    def __init__(self, ports):
+        if not isinstance(ports, int) or ports < 1:
+            raise ValueError(f"ports must be a positive integer, not {ports!r}")
+        self.ports = ports
+        super().__init__({
+            "phy_tx": Out(phy_tx_signature()).array(ports),
+            "phy_rx": In(phy_rx_signature()).array(ports),
+            "phy_error": In(ports),
+            "uart_rx": In(1, init=1),
+            "uart_tx": Out(1, init=1),
+            "link_up": Out(ports),
+            "activity": Out(ports),
+            "fault": Out(1),
+        })
+
+    def __repr__(self):
+        return f"NICCoreSignature({self.ports})"
 
 
 class NICCore(wiring.Component):
     """The epochlink NIC: a :class:`~epochlink.hdl.node.NICNode` (epoch engine, one link engine
     per port, epoch-tagged datapath) behind the host link and the register map, with the
-    :class:`~epochlink.boards.top.NICCoreSignature` interface that board tops and simulated
+    :class:`NICCoreSignature` interface that board tops and simulated
     clusters instantiate.
 
     Per port ``p``: ``PORTp.CONTROL.enable`` drives the link engine's enable;
@@ -96,7 +121,7 @@ class NICCore(wiring.Component):
         self.node_args = dict(ports=ports, domains=domains, window=window,
                               max_payload=max_payload, counter_width=counter_width, **link_args)
         self.regmap = register_map(ports, domains)
-        super().__init__(_nic_core_signature(ports))
+        super().__init__(NICCoreSignature(ports))
 
     def elaborate(self, platform):
         m = Module()

@@ -1,9 +1,29 @@
-"""Register access to an epochlink node over its host link.
+"""An epochlink node (NIC) over its host link: checkpoint epochs, versions, links, registers.
 
->>> with Node("socket://127.0.0.1:5000") as node:           # or "/dev/ttyUSB1"
-...     node.write("SCRATCH", 0x1234)
-...     node.regs.SCRATCH.read()
-...     node.read_many(["PORT0.FRAMES_TX", "PORT0.FRAMES_RX"])
+A training loop reports each persistence domain's durable epoch and restores from the
+epoch the cluster has committed::
+
+    from epochlink.host import Node, Role
+
+    with Node("socket://127.0.0.1:5000") as nic:            # or "/dev/ttyUSB1"
+        # After power-up or a NIC reset: domains at their durable epochs, port roles, online.
+        nic.bring_up(durable={0: 0, 1: 0}, roles=[Role.PARENT])
+        for epoch in range(1, 100):
+            train_one_epoch()
+            for domain in (0, 1):
+                save_durably(domain, epoch)                  # write + fsync
+                nic.persisted(domain, epoch)                 # only after it is durable
+        safe = nic.committed()                               # every domain of every node has it
+        nic.wait_committed(99, timeout=5.0)
+
+    # Recovery: restore every domain of every node from ``nic.committed()``, never from
+    # "the newest file" (which mixes epochs).
+
+Raw register access is there too::
+
+    nic.write("SCRATCH", 0x1234)
+    nic.regs.SCRATCH.read()
+    nic.read_many(["PORT0.FRAMES_TX", "PORT0.FRAMES_RX"])
 
 Requests are pipelined: up to ``window`` requests are in flight at a time (the node
 queues up to :data:`~epochlink.hostproto.MAX_OUTSTANDING` answers). Every request has its
@@ -20,17 +40,20 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+from epochlink.hdl.epoch_format import FenceMode, Role
+from epochlink.hdl.frame import LINK_COUNTERS, LinkState
 from epochlink.hostproto import MAX_OUTSTANDING, Opcode, Status
-from epochlink.registers import (MAGIC, MAX_PORTS, Access, RegisterInstance, RegisterMap,
-                                 register_map)
+from epochlink.registers import (MAGIC, MAX_DOMAINS, MAX_PORTS, Access, RegisterInstance,
+                                 RegisterMap, register_map)
 
-from .protocol import (BadResponseChecksum, EpochlinkError, ErrorResponse, GarbageBytes,
-                       ProtocolError, Response, ResponseParser, Timeout, encode_read,
-                       encode_write)
+from .protocol import (BadResponseChecksum, EpochlinkError, EpochRefused, ErrorResponse,
+                       GarbageBytes, ProtocolError, Response, ResponseParser, Timeout,
+                       encode_read, encode_write, error_response)
 from .transport import DEFAULT_BAUDRATE, SerialTransport, Transport
 
-__all__ = ["Node", "NodeInfo", "LinkStats", "RegisterHandle", "Registers",
-           "EpochlinkError", "ProtocolError", "ErrorResponse", "Timeout"]
+__all__ = ["Node", "NodeInfo", "EpochStatus", "Versions", "PortStatus", "LinkStats",
+           "RegisterHandle", "Registers", "Role", "LinkState", "FenceMode",
+           "EpochlinkError", "ProtocolError", "ErrorResponse", "EpochRefused", "Timeout"]
 
 
 @dataclass
@@ -54,6 +77,46 @@ class NodeInfo:
     ports: int
     map_version: int
     proto_version: int
+
+
+@dataclass(frozen=True)
+class Versions:
+    """Protocol (firmware) versions of a node and of the cluster."""
+    active: int           #: this node's ACTIVE version
+    subtree: int          #: minimum ACTIVE over this node's subtree
+    converged: int        #: cluster-wide converged version (min ACTIVE); 0 = not known yet
+    supported: tuple[int, int]   #: link protocol versions this build speaks (min, max)
+
+
+@dataclass(frozen=True)
+class EpochStatus:
+    """The epoch engine's view: this node's part in Conv(P,e)."""
+    online: bool
+    local: int | None     #: meet of PERSISTED over enabled domains (None: no domain enabled)
+    report: int | None    #: subtree meet (None until every child has reported)
+    report_sent: int      #: last REPORT sent to the parent
+    committed: int        #: COMMITTED: the cluster-wide certificate
+    versions: Versions
+    refused: int          #: epoch commands refused so far
+    malformed: int
+    misrouted: int
+
+
+@dataclass(frozen=True)
+class PortStatus:
+    """One link port: link state, peer, commit-tree role and counters."""
+    port: int
+    state: LinkState
+    version: int          #: link protocol version agreed with the peer (valid when UP)
+    peer_id: int
+    role: Role
+    heard: bool           #: the neighbour has reported (CHILD) or committed (PARENT)
+    child_report: int
+    counters: dict[str, int]
+
+    @property
+    def up(self) -> bool:
+        return self.state == LinkState.UP
 
 
 @dataclass
@@ -85,7 +148,10 @@ class Node:
     retry_writes :
         Also resend writes that timed out.
     regmap :
-        The register map for name lookups and :attr:`regs` (default: all ports).
+        The register map for name lookups and :attr:`regs` (default: every port and domain
+        the map has room for; the node answers ``BAD_ADDRESS`` for those it lacks).
+
+    A :class:`Node` is not thread-safe: share it between threads under a lock.
     """
 
     def __init__(self, port: str | Transport, *, baudrate: int = DEFAULT_BAUDRATE,
@@ -98,7 +164,7 @@ class Node:
         self.retries = retries
         self.window = window
         self.retry_writes = retry_writes
-        self.regmap = regmap or register_map(MAX_PORTS)
+        self.regmap = regmap or register_map(MAX_PORTS, MAX_DOMAINS)
         self.parser = ResponseParser()
         self.stats = LinkStats()
         self._next_tag = 0
@@ -155,6 +221,144 @@ class Node:
         c = self.regmap["CAPS"].register.decode(caps)
         return NodeInfo(node_id, (v["major"], v["minor"], v["patch"]), c["ports"],
                         c["map_version"], c["proto_version"])
+
+    # -- checkpoint epochs -----------------------------------------------------------------
+
+    def domains(self) -> int:
+        """Number of persistence domains of this node (``EPOCH.CONFIG``)."""
+        return self.regs.CONFIG.read_fields()["domains"]
+
+    def persisted(self, domain: int, epoch: int) -> int:
+        """Report that ``domain``'s data for ``epoch`` is durable (call only after fsync).
+
+        Returns PERSISTED after the write. Raises :class:`EpochRefused` if ``epoch`` is below
+        what the domain already reported (``REFUSED_LOWER``) or the domain is disabled
+        (``REFUSED_DISABLED``); reporting the same epoch again is fine.
+        """
+        return self.write(self._domain(domain, "PERSISTED"), self._epoch(epoch))
+
+    def persisted_epoch(self, domain: int) -> int:
+        """PERSISTED of ``domain`` as the NIC holds it (0 while disabled)."""
+        return self.read(self._domain(domain, "PERSISTED"))
+
+    def enable_domain(self, domain: int, durable_epoch: int) -> None:
+        """Let ``domain`` take part, at its current durable epoch (after a reset: the epoch
+        found durable on storage). Refused (:class:`EpochRefused`) below the node's floor."""
+        self.write(self._domain(domain, "ENABLE"), self._epoch(durable_epoch))
+
+    def disable_domain(self, domain: int) -> None:
+        """Take ``domain`` out of the node's meet."""
+        self.write(self._domain(domain, "DISABLE"), 1)
+
+    def domain_enabled(self, domain: int) -> bool:
+        return bool(self.read(self._domain(domain, "ENABLE")))
+
+    def committed(self) -> int:
+        """COMMITTED: the epoch every enabled domain of every node has made durable (the
+        cluster's Conv(P,e) certificate). Restore this epoch, everywhere."""
+        return self.read("COMMITTED")
+
+    def wait_committed(self, epoch: int, timeout: float, *, poll: float = 0.005) -> int:
+        """Wait until COMMITTED >= ``epoch``; returns it. Raises :class:`Timeout` after
+        ``timeout`` seconds with the last value seen."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = self.committed()
+            if value >= epoch:
+                return value
+            if time.monotonic() >= deadline:
+                raise Timeout(f"COMMITTED is {value}, not >= {epoch}, after {timeout} s")
+            time.sleep(poll)
+
+    def set_role(self, port: int, role: Role) -> None:
+        """Set ``port``'s role in the commit tree (OFF, PARENT or CHILD; one PARENT at most)."""
+        self.write(self._port_reg(port, "EPOCH_PORT", "ROLE"), int(Role(role)))
+
+    def set_online(self, online: bool = True) -> None:
+        """Start (or stop) taking part: reporting, and committing as the root."""
+        self.write("ONLINE", int(bool(online)))
+
+    def set_active_version(self, version: int) -> None:
+        """Set this node's ACTIVE protocol (firmware) version, 1..255 (rolling upgrade/rollback)."""
+        if not 1 <= version <= 255:
+            raise ValueError(f"version must be 1..255, not {version}")
+        self.write("ACTIVE", version)
+
+    def set_fence(self, mode: FenceMode) -> None:
+        """What the epoch fence does with payload from another epoch."""
+        self.write("FENCE_MODE", int(FenceMode(mode)))
+
+    def bring_up(self, durable: dict[int, int], roles: Sequence[Role] = (), *,
+                 active: int | None = None) -> None:
+        """Restore the epoch engine after power-up or a reset, in the order its safety needs:
+        enable each domain at its ``durable`` epoch (``{domain: epoch}``), set the port
+        ``roles`` (port 0, 1, ...), the ACTIVE version, and only then go online."""
+        self.write_many([(self._domain(d, "ENABLE"), self._epoch(e)) for d, e in sorted(durable.items())])
+        self.write_many([(self._port_reg(p, "EPOCH_PORT", "ROLE"), int(Role(r)))
+                         for p, r in enumerate(roles)])
+        if active is not None:
+            self.set_active_version(active)
+        self.set_online(True)
+
+    def versions(self) -> Versions:
+        versions, supported = self.read_many(["VERSIONS", "SUPPORTED"])
+        v = self.regmap["VERSIONS"].register.decode(versions)
+        s = self.regmap["SUPPORTED"].register.decode(supported)
+        return Versions(v["active"], v["subtree"], v["converged"], (s["min"], s["max"]))
+
+    def epoch_status(self) -> EpochStatus:
+        names = ["STATUS", "LOCAL", "REPORT", "REPORT_SENT", "COMMITTED", "VERSIONS",
+                 "SUPPORTED", "REFUSED", "MALFORMED", "MISROUTED"]
+        raw = dict(zip(names, self.read_many(names)))
+        st = self.regmap["STATUS"].register.decode(raw["STATUS"])
+        v = self.regmap["VERSIONS"].register.decode(raw["VERSIONS"])
+        s = self.regmap["SUPPORTED"].register.decode(raw["SUPPORTED"])
+        return EpochStatus(
+            online=bool(st["online"]),
+            local=raw["LOCAL"] if st["local_valid"] else None,
+            report=raw["REPORT"] if st["report_valid"] else None,
+            report_sent=raw["REPORT_SENT"], committed=raw["COMMITTED"],
+            versions=Versions(v["active"], v["subtree"], v["converged"], (s["min"], s["max"])),
+            refused=raw["REFUSED"], malformed=raw["MALFORMED"], misrouted=raw["MISROUTED"])
+
+    def port_status(self, port: int) -> PortStatus:
+        """Link state, peer, role and counters of link ``port``."""
+        link = [self._port_reg(port, "PORT", n) for n in ("LINK_STATE", "PEER_ID")]
+        epoch = [self._port_reg(port, "EPOCH_PORT", n) for n in ("ROLE", "NEIGHBOUR", "CHILD_REPORT")]
+        counters = [self._port_reg(port, "PORT", n.upper()) for n in LINK_COUNTERS]
+        values = self.read_many(link + epoch + counters)
+        state = self.regmap["PORT0.LINK_STATE"].register.decode(values[0])
+        heard = self.regmap["EPOCH_PORT0.NEIGHBOUR"].register.decode(values[3])
+        return PortStatus(port, LinkState(state["state"]), state["version"], values[1],
+                          Role(values[2]), bool(heard["heard"]), values[4],
+                          dict(zip(LINK_COUNTERS, values[5:])))
+
+    def ports(self) -> list[PortStatus]:
+        """:meth:`port_status` of every port of the node."""
+        return [self.port_status(p) for p in range(self.identify().ports)]
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _domain(self, domain: int, name: str) -> str:
+        if not isinstance(domain, int) or not 0 <= domain < MAX_DOMAINS:
+            raise ValueError(f"domain must be 0..{MAX_DOMAINS - 1}, not {domain!r}")
+        return f"DOMAIN{domain}.{name}"
+
+    def _port_reg(self, port: int, block: str, name: str) -> str:
+        if not isinstance(port, int) or not 0 <= port < MAX_PORTS:
+            raise ValueError(f"port must be 0..{MAX_PORTS - 1}, not {port!r}")
+        return f"{block}{port}.{name}"
+
+    @staticmethod
+    def _epoch(epoch: int) -> int:
+        if not isinstance(epoch, int) or not 0 <= epoch <= 0xFFFF_FFFF:
+            raise ValueError(f"epoch must be a 32-bit unsigned integer, not {epoch!r}")
+        return epoch
+
+    def _error(self, event: Response, op: "_Op") -> ErrorResponse:
+        inst = self.regmap.at(op.addr)
+        return error_response(event.status, op.addr, event.tag, event.value,
+                              inst.name if inst else None)
 
     # -- the engine ----------------------------------------------------------------------
 
@@ -215,9 +419,9 @@ class Node:
                             self.stats.retries += 1
                             todo.appendleft(op)
                         elif error is None:
-                            error = ErrorResponse(event.status, op.addr, event.tag, event.value)
+                            error = self._error(event, op)
                     elif error is None:
-                        error = ErrorResponse(event.status, op.addr, event.tag, event.value)
+                        error = self._error(event, op)
                 elif isinstance(event, GarbageBytes):
                     self.stats.garbage_bytes += len(event.data)
                 elif isinstance(event, BadResponseChecksum):

@@ -15,7 +15,7 @@ from epochlink.hostproto import (RESPONSE_LENGTH, SOF_RESPONSE, Opcode, Status, 
 
 __all__ = [
     "EpochlinkError", "ProtocolError", "GarbageBytes", "BadResponseChecksum",
-    "UnexpectedResponse", "ErrorResponse", "Timeout", "Response", "ParseEvent",
+    "UnexpectedResponse", "ErrorResponse", "EpochRefused", "error_response", "Timeout", "Response", "ParseEvent",
     "encode_read", "encode_write", "ResponseParser", "Status", "Opcode",
 ]
 
@@ -69,6 +69,22 @@ class ErrorResponse(EpochlinkError):
         self.addr = addr
         self.tag = tag
         self.value = value
+
+
+class EpochRefused(ErrorResponse):
+    """The epoch engine refused a command: ``REFUSED_LOWER`` (the epoch would go down) or
+    ``REFUSED_DISABLED`` (PERSISTED written to a disabled domain). Nothing changed."""
+
+
+def error_response(status: Status | int, addr: int | None = None, tag: int | None = None,
+                   value: int = 0, name: str | None = None) -> ErrorResponse:
+    """The exception for an error ``status``: :class:`EpochRefused` for the epoch engine's
+    refusals, :class:`ErrorResponse` otherwise. ``name`` (the register) goes into the message."""
+    cls = EpochRefused if status in (Status.REFUSED_LOWER, Status.REFUSED_DISABLED) else ErrorResponse
+    error = cls(status, addr, tag, value)
+    if name:
+        error.args = (f"{error.args[0]} ({name})",)
+    return error
 
 
 class Timeout(EpochlinkError):

@@ -20,7 +20,7 @@ from amaranth.sim import Simulator
 from epochlink.boards.__main__ import (BOARDS, _classify_loader_failure, board_attached,
                                        parse_nextpnr_report)
 from epochlink.boards.icebreaker import ICEBreakerTop, ice40_pll_parameters
-from epochlink.boards.top import (REPORT_LINE, LinkNICCore, PRBSChecker, PRBSGenerator,
+from epochlink.boards.top import (REPORT_LINE, NICCore, PRBSChecker, PRBSGenerator,
                                   SelfTestCore)
 from epochlink.hdl.frame import LinkState
 from epochlink.hostproto import RESPONSE_LENGTH, Opcode, Status, build_request, build_response
@@ -198,12 +198,12 @@ NIC_CLK_HZ = 8e6              # host UART at 1 Mbaud: divisor 8
 
 
 class NICPair(Elaboratable):
-    """Two single-port LinkNICCores (node ids 1 and 2) wired back to back at byte level,
+    """Two single-port NICCores (node ids 1 and 2) wired back to back at byte level,
     one byte per four cycles in each direction."""
 
     def __init__(self):
-        self.a = LinkNICCore(ports=1, clk_hz=NIC_CLK_HZ, node_id=1)
-        self.b = LinkNICCore(ports=1, clk_hz=NIC_CLK_HZ, node_id=2)
+        self.a = NICCore(ports=1, clk_hz=NIC_CLK_HZ, node_id=1)
+        self.b = NICCore(ports=1, clk_hz=NIC_CLK_HZ, node_id=2)
         self.connected = Signal(init=1)
 
     def elaborate(self, platform):
