@@ -376,6 +376,10 @@ EPOCH = Block("EPOCH", 0x0800, 0x40, (
         Field("domains", 0, 9, "Persistence domains (DOMAIN blocks present)."),
         Field("epoch_width", 16, 6, "Width of epochs in bits.")),
         description="Epoch engine build parameters (reset column: the default build).", constant=True),
+    _value("RESET", 0x0B, Access.RW, 1,
+           "Write 1: reset the epoch engine as at power-up (PERSISTED, COMMITTED, roles and "
+           "ONLINE lost; links stay up). The cluster-wide rollback after a restore from "
+           "COMMITTED uses it (docs/epoch.md). Reads the last value written.", max=1),
     _counter("REFUSED", 0x10, "Epoch commands refused (any status but OK)"),
     _counter("MALFORMED", 0x11, "Epoch messages dropped as malformed"),
     _counter("MISROUTED", 0x12, "Epoch messages of the wrong type for the port's role"),

@@ -318,6 +318,25 @@ class CheckpointStore:
         return removed
 
 
+    def discard_after(self, epoch: int) -> int:
+        """Delete every file of an epoch above ``epoch`` (the rollback to a committed epoch:
+        those epochs were never committed and a resumed run writes them anew); the directory
+        is fsync'ed. Returns how many files were removed."""
+        removed = 0
+        for d in DOMAINS:
+            for e in self.epochs_present(d):
+                if e > epoch:
+                    self.path(d, e).unlink()
+                    removed += 1
+            if (self.dir / d).is_dir():
+                fd = os.open(self.dir / d, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        return removed
+
+
 class DomainWriters:
     """One writer thread per domain: FIFO queue, random delay, durable write, ``report``.
 

@@ -148,6 +148,7 @@ class NICCore(wiring.Component):
             node.ver_min.eq(self.ver_min),
             node.ver_max.eq(self.ver_max),
             node.fence_mode.eq(reg("FENCE_MODE")),
+            node.epoch_reset.eq(bank.hw_strobe("RESET") & reg("RESET")),
             reg("NODE_ID").eq(self.node_id),
             reg("HOST_FRAMES").eq(host.frames_ok),
             reg("HOST_ERRORS").eq(host.frame_errors),

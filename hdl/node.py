@@ -37,6 +37,7 @@ class NICNode(wiring.Component):
     node_id, ver_min, ver_max : identity and supported link protocol versions.
     link_enable : per-port enable of the link engines.
     fence_mode : :class:`~epochlink.hdl.fence.FenceMode` for every port.
+    epoch_reset : resets the epoch engine alone (as at power-up); the links stay up.
     epoch : epoch engine status; link : per-port link status; fence counters per port.
     """
 
@@ -58,6 +59,7 @@ class NICNode(wiring.Component):
             "ver_max": In(8, init=1),
             "link_enable": In(1, init=1).array(ports),
             "fence_mode": In(2),
+            "epoch_reset": In(1),
             "epoch": Out(EpochStatusSignature(domains, ports, epoch_width, counter_width)),
             "link": Out(LinkStatusSignature(counter_width)).array(ports),
             "fence_older": Out(32).array(ports),
@@ -67,7 +69,8 @@ class NICNode(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        m.submodules.epoch = engine = EpochEngine(**self.epoch_args)
+        engine = EpochEngine(**self.epoch_args)
+        m.submodules.epoch = ResetInserter(self.epoch_reset)(engine)
         wiring.connect(m, wiring.flipped(self.cmd), engine.cmd)
         wiring.connect(m, engine.rsp, wiring.flipped(self.rsp))
         forward_status(m, engine.status, self.epoch)

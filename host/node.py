@@ -300,6 +300,12 @@ class Node:
             self.set_active_version(active)
         self.set_online(True)
 
+    def reset_epoch_engine(self) -> None:
+        """Reset the NIC's epoch engine as at power-up (links stay up): PERSISTED, COMMITTED,
+        roles and ONLINE are lost. Part of the cluster-wide rollback to a committed epoch,
+        where every node does it while every node is offline (see docs/epoch.md)."""
+        self.write("RESET", 1)
+
     def versions(self) -> Versions:
         versions, supported = self.read_many(["VERSIONS", "SUPPORTED"])
         v = self.regmap["VERSIONS"].register.decode(versions)
