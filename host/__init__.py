@@ -1,8 +1,8 @@
 """The epochlink host library: drive a NIC from a training node (see :mod:`.node`)."""
 
-from .node import (EpochRefused, EpochStatus, EpochlinkError, ErrorResponse, FenceMode, LinkState,
+from .node import (ConnectionLost, EpochRefused, EpochStatus, EpochlinkError, ErrorResponse, FenceMode, LinkState,
                    Node, NodeInfo, PortStatus, ProtocolError, Role, Timeout, Versions)
 
 __all__ = ["Node", "NodeInfo", "EpochStatus", "Versions", "PortStatus", "Role", "LinkState",
-           "FenceMode", "EpochlinkError", "ProtocolError", "ErrorResponse", "EpochRefused",
+           "FenceMode", "ConnectionLost", "EpochlinkError", "ProtocolError", "ErrorResponse", "EpochRefused",
            "Timeout"]

@@ -46,14 +46,15 @@ from epochlink.hostproto import MAX_OUTSTANDING, Opcode, Status
 from epochlink.registers import (MAGIC, MAX_DOMAINS, MAX_PORTS, Access, RegisterInstance,
                                  RegisterMap, register_map)
 
-from .protocol import (BadResponseChecksum, EpochlinkError, EpochRefused, ErrorResponse,
+from .protocol import (BadResponseChecksum, ConnectionLost, EpochlinkError, EpochRefused, ErrorResponse,
                        GarbageBytes, ProtocolError, Response, ResponseParser, Timeout,
                        encode_read, encode_write, error_response)
 from .transport import DEFAULT_BAUDRATE, SerialTransport, Transport
 
 __all__ = ["Node", "NodeInfo", "EpochStatus", "Versions", "PortStatus", "LinkStats",
            "RegisterHandle", "Registers", "Role", "LinkState", "FenceMode",
-           "EpochlinkError", "ProtocolError", "ErrorResponse", "EpochRefused", "Timeout"]
+           "EpochlinkError", "ProtocolError", "ErrorResponse", "EpochRefused", "ConnectionLost",
+           "Timeout"]
 
 
 @dataclass

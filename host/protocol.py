@@ -15,7 +15,7 @@ from epochlink.hostproto import (RESPONSE_LENGTH, SOF_RESPONSE, Opcode, Status, 
 
 __all__ = [
     "EpochlinkError", "ProtocolError", "GarbageBytes", "BadResponseChecksum",
-    "UnexpectedResponse", "ErrorResponse", "EpochRefused", "error_response", "Timeout", "Response", "ParseEvent",
+    "UnexpectedResponse", "ErrorResponse", "EpochRefused", "error_response", "ConnectionLost", "Timeout", "Response", "ParseEvent",
     "encode_read", "encode_write", "ResponseParser", "Status", "Opcode",
 ]
 
@@ -85,6 +85,10 @@ def error_response(status: Status | int, addr: int | None = None, tag: int | Non
     if name:
         error.args = (f"{error.args[0]} ({name})",)
     return error
+
+
+class ConnectionLost(EpochlinkError):
+    """The byte transport failed (device unplugged, socket closed)."""
 
 
 class Timeout(EpochlinkError):

@@ -51,11 +51,24 @@ class SerialTransport:
             except serial.SerialTimeoutException as exc:
                 from .protocol import Timeout
                 raise Timeout(f"{self.url}: write timed out") from exc
+            except (serial.SerialException, OSError) as exc:
+                raise self._lost(exc) from exc
             view = view[n or 0:]
         # (no flush(): on a tty it waits until the bytes are on the wire, which would
         # stall the pipeline; the kernel sends them anyway)
 
     def read(self, timeout: float) -> bytes:
+        try:
+            return self._read(timeout)
+        except (serial.SerialException, OSError) as exc:
+            raise self._lost(exc) from exc
+
+    def _lost(self, exc: Exception):
+        from .protocol import ConnectionLost
+        return ConnectionLost(f"{self.url}: {exc} (unplugged, or another client took the "
+                              "simulated node's port?)")
+
+    def _read(self, timeout: float) -> bytes:
         port = self.port
         waiting = port.in_waiting
         if waiting:
