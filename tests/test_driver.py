@@ -158,3 +158,22 @@ def test_lost_connection_is_a_clear_error(cluster):
             for _ in range(50):
                 root.read("MAGIC")
                 time.sleep(0.02)
+
+
+def test_cli_against_a_nic(cluster, capsys):
+    from epochlink.cli import main
+    sim, (root, leaf) = cluster
+    url = sim.urls[0]
+    assert main(["status", "--port", url]) == 0
+    out = capsys.readouterr().out
+    assert "node 1:" in out and "COMMITTED" in out and "port 0: UP" in out
+    assert main(["status", "--port", url, "--json"]) == 0
+    assert '"committed"' in capsys.readouterr().out
+    assert main(["committed", "--port", url]) == 0
+    committed = int(capsys.readouterr().out)
+    assert committed >= 3
+    assert main(["wait", "--port", url, str(committed), "--timeout", "5"]) == 0
+    assert main(["persist", "--port", url, "0", "0"]) == 1          # lower than PERSISTED
+    assert "REFUSED_LOWER" in capsys.readouterr().err
+    assert main(["wait", "--port", url, str(committed + 1000), "--timeout", "0.2"]) == 1
+    assert "not >=" in capsys.readouterr().err
