@@ -97,6 +97,14 @@ class NICCluster(wiring.Component):
         self.core_args = dict(core_args or {})
         self.divisor = uart_divisor(clk_hz, baud)      # raises for an unusable baud rate
         self.ports = [max(1, len(topology.ports(i))) for i in range(topology.nodes)]
+        # The cores are made here, so bad parameters fail at once, not in a build.
+        self.cores = []
+        for i in range(topology.nodes):
+            try:
+                self.cores.append(self.make_core(i))
+            except ValueError as exc:
+                raise ValueError(f"node {i}, a NIC core with {self.ports[i]} link port(s): "
+                                 f"{exc}") from None
         members = {"cycle": Out(64)}
         for i in range(topology.nodes):
             members.update({
@@ -112,7 +120,7 @@ class NICCluster(wiring.Component):
         super().__init__(members)
 
     def make_core(self, i: int):
-        """The (not yet domain-renamed) NIC core of node ``i``."""
+        """A new NIC core for node ``i`` (:attr:`cores` holds the ones used)."""
         return self.core(ports=self.ports[i], clk_hz=self.clk_hz, baud=self.baud,
                          node_id=i + 1, **self.core_args)
 
@@ -127,7 +135,7 @@ class NICCluster(wiring.Component):
             m.domains += cd
             m.d.comb += [cd.clk.eq(ClockSignal("sync")),
                          cd.rst.eq(ResetSignal("sync") | getattr(self, f"n{i}_rst"))]
-            core = DomainRenamer(domain)(self.make_core(i))
+            core = DomainRenamer(domain)(self.cores[i])
             m.submodules[f"node{i}"] = core
             cores.append(core)
             m.d.comb += [core.phy_error.eq(0), getattr(self, f"n{i}_link_up").eq(core.link_up)]

@@ -351,7 +351,11 @@ class SimServer:
         return self.status()["cycle"]
 
     def reset_node(self, i: int, cycles: int = 16) -> dict:
-        """Hold node ``i`` in reset for ``cycles`` cycles; returns after the release."""
+        """Hold node ``i`` in reset for ``cycles`` cycles; returns after the release.
+
+        Only the NIC core is reset, not the node's host byte bridge (as on a board, where the
+        USB UART keeps going): requests in flight are lost or garbled, and the driver's read
+        retries (or a repeated write) recover."""
         return self._checked({"cmd": "reset", "node": i, "cycles": cycles}, timeout=None)
 
     def set_ber(self, ber: float, edge: int | None = None) -> dict:
