@@ -540,34 +540,73 @@ class LinkEngine(wiring.Component):
                 with m.If(valid & last):
                     m.next = "IDLE"
 
-        # ---- delivery: committed transfers out of the receive buffer, in order ------------
+        # ---- delivery ---------------------------------------------------------------------
+        # Two cursors. `rx_next` (the delivery cursor, sent as DCUR) retires committed
+        # transfers in order: payload is streamed out when it is retired. `rx_early` (E,
+        # rx_next <= E <= rx_next + W) hands control-class messages out at their first intact
+        # arrival: it passes held transfers in sequence order, streaming each ctrl one out on
+        # `ctrl_out` as it passes it; payload is only passed. Every ctrl transfer in
+        # [rx_next, E) has been delivered, so retiring it streams nothing. E is kept when the
+        # link goes down (a transfer re-sent under the same sequence number by the same
+        # sender incarnation is not delivered again); it is pulled back to rx_commit when a
+        # fresh peer continues its numbering there (new transfers under those numbers).
+        rx_early = Signal(8)
+        dl_finish = Signal()    # a payload's last byte went out in p1: advance rx_next in p2
+        early_moved = Signal()  # E was pulled back during an early stream: don't advance it
         out_index = Signal(8)
+        st_slot = Signal(slot_bits)    # the slot being streamed
+        st_ctrl = Signal()
+        st_early = Signal()
+        streaming = Signal()
         dl_slot = slot_of(rx_next)
         dl_ctrl = rx_ctrl.bit_select(dl_slot, 1)
+        e_slot = slot_of(rx_early)
+        e_off = _mod(rx_early - rx_next)
+        e_held = lt_w(e_off) & rx_valid.bit_select(e_slot, 1)
+        e_ctrl = rx_ctrl.bit_select(e_slot, 1)
+        retire_ok = (rx_next != rx_commit) & rx_valid.bit_select(dl_slot, 1) & (e_off != 0) & ~dl_finish
         delivered = Signal()
-        dl_finish = Signal()    # the last byte went out in p1: advance rx_next in p2
-        m.d.comb += [rxb_r.addr.eq(dl_slot * MAXP + out_index), rxb_r.en.eq(0)]
+        m.d.comb += [rxb_r.addr.eq(st_slot * MAXP + out_index), rxb_r.en.eq(0)]
+        e_pass = Signal()       # E passes a held payload transfer
+        skip = Signal()         # rx_next retires a ctrl transfer E has delivered
         with m.FSM(name="deliver"):
             with m.State("IDLE"):
-                with m.If((rx_next != rx_commit) & rx_valid.bit_select(dl_slot, 1) & ~dl_finish):
-                    m.d.comb += [rxb_r.en.eq(1), rxb_r.addr.eq(dl_slot * MAXP)]
-                    m.d.sync += out_index.eq(1)
+                with m.If(e_held & e_ctrl):
+                    m.d.comb += [rxb_r.en.eq(1), rxb_r.addr.eq(e_slot * MAXP)]
+                    m.d.sync += [out_index.eq(1), st_slot.eq(e_slot), st_ctrl.eq(1), st_early.eq(1),
+                                 early_moved.eq(0)]
                     m.next = "STREAM"
+                with m.Elif(retire_ok & ~dl_ctrl):
+                    m.d.comb += [rxb_r.en.eq(1), rxb_r.addr.eq(dl_slot * MAXP)]
+                    m.d.sync += [out_index.eq(1), st_slot.eq(dl_slot), st_ctrl.eq(0), st_early.eq(0)]
+                    m.next = "STREAM"
+                with m.If(retire_ok & dl_ctrl & ~p1):
+                    m.d.comb += skip.eq(1)
             with m.State("STREAM"):
-                last = out_index == rx_len[dl_slot]
+                m.d.comb += streaming.eq(1)
+                last = out_index == rx_len[st_slot]
                 for port, is_ctrl in ((self.ctrl_out, 1), (self.payload_out, 0)):
-                    m.d.comb += [port.valid.eq(dl_ctrl == is_ctrl),
+                    m.d.comb += [port.valid.eq(st_ctrl == is_ctrl),
                                  port.payload.data.eq(rxb_r.data), port.payload.last.eq(last)]
-                ready = Mux(dl_ctrl, self.ctrl_out.ready, self.payload_out.ready)
+                ready = Mux(st_ctrl, self.ctrl_out.ready, self.payload_out.ready)
                 with m.If(ready):
                     m.d.comb += rxb_r.en.eq(1)
                     m.d.sync += out_index.eq(out_index + 1)
                     with m.If(last):
-                        m.d.comb += [delivered.eq(1), incr["delivered"].eq(1)]
-                        with m.If(p1):
-                            m.d.sync += dl_finish.eq(1)
+                        m.d.comb += incr["delivered"].eq(1)
+                        with m.If(st_early):
+                            with m.If(~early_moved):
+                                m.d.sync += rx_early.eq(rx_early + 1)
+                        with m.Else():
+                            m.d.comb += delivered.eq(1)
+                            with m.If(p1):
+                                m.d.sync += dl_finish.eq(1)
                         m.next = "IDLE"
-        with m.If((delivered & ~p1) | dl_finish):
+        # E passes held payload transfers while it is not streaming one of its own.
+        with m.If(e_held & ~e_ctrl & ~(streaming & st_early)):
+            m.d.comb += e_pass.eq(1)
+            m.d.sync += rx_early.eq(rx_early + 1)
+        with m.If((delivered & ~p1) | dl_finish | skip):
             m.d.sync += [rx_next.eq(rx_next + 1), dl_finish.eq(0)]
             drive("rxv_clr", bit=dl_slot)
 
@@ -647,7 +686,9 @@ class LinkEngine(wiring.Component):
 
         # ---- receive processing ------------------------------------------------------------
         rx_window_off = _mod(dfr.seq_now - rx_next)
-        m.d.comb += dfr.write_allowed.eq(lt_w(rx_window_off) & ~rx_valid.bit_select(slot_of(dfr.seq_now), 1))
+        # (not into the slot an early ctrl stream is reading, even if it was dropped meanwhile)
+        m.d.comb += dfr.write_allowed.eq(lt_w(rx_window_off) & ~rx_valid.bit_select(slot_of(dfr.seq_now), 1) &
+                                         ~(streaming & st_early & (st_slot == slot_of(dfr.seq_now))))
         m.d.comb += [rxb_w.addr.eq(dfr.buf_addr), rxb_w.data.eq(dfr.buf_data), rxb_w.en.eq(dfr.buf_we)]
         # digest lookups by SEQ, ready long before the frame ends
         m.d.comb += [txd_r.addr.eq(slot_of(dfr.seq_now)), txd_r.en.eq(dfr.seq_valid),
@@ -780,7 +821,7 @@ class LinkEngine(wiring.Component):
                 # our previous incarnation that the peer committed but has not yet
                 # delivered still occupy its window: count them as ours, held and
                 # reflected, so they are freed by its delivery cursor and never resent.
-                m.d.sync += [rx_next.eq(p_tx_base), rx_commit.eq(p_tx_base),
+                m.d.sync += [rx_next.eq(p_tx_base), rx_commit.eq(p_tx_base), rx_early.eq(p_tx_base),
                              tx_free.eq(p_rx_next), tx_commit.eq(p_rx_commit), tx_next.eq(p_rx_commit)]
                 drive("rxv_clr", ~0)
                 drive("need_clr", ~0)
@@ -796,6 +837,10 @@ class LinkEngine(wiring.Component):
                 drive("rxv_clr", ~rx_committed_mask)
                 with m.If(~seen):
                     m.d.comb += aborted.eq(c_redo_count)
+                # A fresh peer numbers its new transfers from our rx_commit on: ctrl messages
+                # its previous incarnation sent there and we handed out early are not those.
+                with m.If(p_fresh & (low(e_off) > low(_mod(rx_commit - rx_next)))):
+                    m.d.sync += [rx_early.eq(rx_commit), early_moved.eq(1)]
 
         # Cursors from an accepted frame.
         with m.If(accept):

@@ -212,13 +212,81 @@ def test_transfer_phases_as_receiver():
         await peer.tick(50)
         assert peer.counter("duplicates") == 1 and out.messages == [b"hello"]
         assert peer.counter("delivered") == 1
-        # A control-class message arrives on ctrl_out.
+        # A control-class message comes out of ctrl_out at its first intact arrival, before
+        # the commit; a repeat of it and its commit do not deliver it again.
         ctrl = peer.watch(dut.ctrl_out)
-        await peer.send_frame(Frame(FrameType.DATA, flags=FLAG_CTRL, seq=1, payload=b"\x05\x06", ccur=0, dcur=0))
+        ctrl_data = Frame(FrameType.DATA, flags=FLAG_CTRL, seq=1, payload=b"\x05\x06", ccur=1, dcur=0)
+        await peer.send_frame(ctrl_data)
+        await peer.wait_for(lambda f: f.type == FrameType.REFLECT and f.seq == 1)
+        await peer.tick(20)
+        assert ctrl.messages == [b"\x05\x06"], "ctrl not delivered at first arrival"
+        assert ctx.get(dut.status.rx_next) == 1, "the delivery cursor moved before the commit"
+        await peer.send_frame(ctrl_data)
         await peer.wait_for(lambda f: f.type == FrameType.REFLECT and f.seq == 1)
         await peer.send_frame(Frame(FrameType.SIGNAL, ccur=2))
         await peer.wait_for(lambda f: f.dcur == 2)
         assert ctrl.messages == [b"\x05\x06"] and out.messages == [b"hello"]
+        assert peer.counter("delivered") == 2
+    run(bench)
+
+
+def test_ctrl_early_delivery_in_sequence_order():
+    """Early ctrl delivery follows sequence order: a ctrl transfer that arrives ahead of a
+    missing one waits for it; payload in between is delivered only at its commit."""
+    async def bench(dut, ctx, peer):
+        out = peer.watch(dut.payload_out)
+        ctrl = peer.watch(dut.ctrl_out)
+        await peer.bring_up()
+        frames = [Frame(FrameType.DATA, flags=FLAG_CTRL, seq=0, payload=b"c0"),
+                  Frame(FrameType.DATA, seq=1, payload=b"p1"),
+                  Frame(FrameType.DATA, flags=FLAG_CTRL, seq=2, payload=b"c2")]
+        await peer.send_frame(frames[2])
+        await peer.send_frame(frames[1])
+        await peer.tick(30)
+        assert ctrl.messages == [] and out.messages == []
+        await peer.send_frame(frames[0])
+        await peer.tick(40)
+        assert ctrl.messages == [b"c0", b"c2"] and out.messages == []
+        await peer.send_frame(Frame(FrameType.SIGNAL, ccur=3))
+        await peer.wait_for(lambda f: f.dcur == 3)
+        assert ctrl.messages == [b"c0", b"c2"] and out.messages == [b"p1"]
+    run(bench)
+
+
+def test_ctrl_early_delivery_across_reinit():
+    """A ctrl transfer handed out early and re-sent after a re-init by the same sender
+    incarnation is not delivered again; after a fresh peer's re-init, a new transfer under
+    the same sequence number is."""
+    async def bench(dut, ctx, peer):
+        ctrl = peer.watch(dut.ctrl_out)
+        await peer.bring_up()
+        first = Frame(FrameType.DATA, flags=FLAG_CTRL, seq=0, payload=b"old")
+        await peer.send_frame(first)
+        await peer.wait_for(lambda f: f.type == FrameType.REFLECT)
+        await peer.tick(20)
+        assert ctrl.messages == [b"old"]
+        # The peer went down (not reset): re-init, it sends seq 0 again.
+        await peer.send_frame(Frame(FrameType.HELLO, payload=Hello(0x77, 1, 1, 0, 0, 0).encode()))
+        await peer.wait_for(lambda f: f.type == FrameType.HELLO)
+        await peer.send_frame(Frame(FrameType.HELLO, payload=Hello(0x77, 1, 1, HELLO_PEER_SEEN, 0, 0).encode()))
+        await peer.tick(10)
+        assert peer.state() == LinkState.UP
+        await peer.send_frame(first)
+        await peer.wait_for(lambda f: f.type == FrameType.REFLECT)
+        await peer.tick(20)
+        assert ctrl.messages == [b"old"], "re-sent transfer delivered again"
+        # The peer restarts (fresh) before committing: its new seq 0 is a new message.
+        await peer.send_frame(Frame(FrameType.HELLO, payload=Hello(0x77, 1, 1, HELLO_FRESH, 0, 0).encode()))
+        hello = Hello.decode((await peer.wait_for(lambda f: f.type == FrameType.HELLO)).payload)
+        assert hello.rx_commit == 0
+        await peer.send_frame(Frame(FrameType.HELLO, payload=Hello(0x77, 1, 1, HELLO_FRESH | HELLO_PEER_SEEN, 0, 0).encode()))
+        await peer.tick(10)
+        assert peer.state() == LinkState.UP
+        await peer.send_frame(Frame(FrameType.DATA, flags=FLAG_CTRL, seq=0, payload=b"new"))
+        await peer.wait_for(lambda f: f.type == FrameType.REFLECT)
+        await peer.send_frame(Frame(FrameType.SIGNAL, ccur=1))
+        await peer.wait_for(lambda f: f.dcur == 1)
+        assert ctrl.messages == [b"old", b"new"]
     run(bench)
 
 
