@@ -301,11 +301,25 @@ class EpochEngine(wiring.Component):
                     ]
                     m.next = "RSCAN"
                 with m.Elif(rx_valid.any()):
+                    # Take the first byte of the lowest port's message right away.
+                    first = Signal(range(P), name="rx_first")
                     for p in reversed(range(P)):   # lowest port first
                         with m.If(rx_valid[p]):
-                            m.d.sync += idx.eq(p)
-                    m.d.sync += rx_cnt.eq(0)
-                    m.next = "RECV"
+                            m.d.comb += first.eq(p)
+                    first_byte = Array(s.payload.data for s in self.ctrl_in)[first]
+                    first_kind = first_byte & ~FLAG_SOLICIT
+                    for p in range(P):
+                        m.d.comb += self.ctrl_in[p].ready.eq(first == p)
+                    m.d.sync += [
+                        idx.eq(first), rx_cnt.eq(1),
+                        rx_bad.eq((first_kind != MsgType.REPORT) & (first_kind != MsgType.COMMIT)),
+                        rx_report.eq(first_kind == MsgType.REPORT),
+                        rx_solicit.eq(first_byte[7]),
+                    ]
+                    with m.If(Cat(s.payload.last for s in self.ctrl_in).bit_select(first, 1)):
+                        m.d.sync += malformed.eq(malformed + 1)   # a 1-byte message
+                    with m.Else():
+                        m.next = "RECV"
 
             # -- host commands (the memory returns PERSISTED[index] from here on) ----------
             with m.State("CMD"):
@@ -471,7 +485,20 @@ class EpochEngine(wiring.Component):
                     # answer with the state this message has just updated
                     for p in for_port(idx):
                         m.d.comb += pend_set[p].eq(1)
-                m.next = "IDLE"
+                with m.If(rx_report & (idx_role == Role.CHILD) & ~self.cmd.valid):
+                    # a child's REPORT: recompute REPORT at once (what IDLE would do next;
+                    # LOCAL is rescanned first if it is due)
+                    m.d.sync += [idx.eq(0), acc_ok.eq(0)]
+                    with m.If(need_local):
+                        m.d.comb += rd.addr.eq(0)
+                        m.d.sync += need_local.eq(0)
+                        m.next = "LSCAN"
+                    with m.Else():
+                        m.d.sync += [need_report.eq(0), acc.eq(local), acc_ok.eq(local_valid),
+                                     vacc.eq(active)]
+                        m.next = "RSCAN"
+                with m.Else():
+                    m.next = "IDLE"
 
             # -- LOCAL = min over enabled domains (memory read one cycle ahead) ------------
             with m.State("LSCAN"):

@@ -499,6 +499,7 @@ class LinkEngine(wiring.Component):
 
         # ---- ingest: input messages into free replay-buffer slots ------------------------
         src_ctrl = Signal()
+        ctrl_ingest = Signal()  # a ctrl message is being offered and taken in
         in_index = Signal(8)
         in_slot = slot_of(tx_next)
         m.d.comb += [txb_w.addr.eq(in_slot * MAXP + in_index)]
@@ -506,6 +507,7 @@ class LinkEngine(wiring.Component):
             with m.State("IDLE"):
                 with m.If(~fresh & lt_w(tx_in_flight)):
                     m.d.sync += in_index.eq(0)
+                    m.d.comb += ctrl_ingest.eq(self.ctrl_in.valid)
                     with m.If(self.ctrl_in.valid):
                         m.d.sync += src_ctrl.eq(1)
                         m.next = "COPY"
@@ -515,6 +517,7 @@ class LinkEngine(wiring.Component):
             with m.State("COPY"):
                 src = Signal.like(self.ctrl_in.payload)
                 valid = Mux(src_ctrl, self.ctrl_in.valid, self.payload_in.valid) & ~p1
+                m.d.comb += ctrl_ingest.eq(src_ctrl & self.ctrl_in.valid)
                 m.d.comb += [src.eq(Mux(src_ctrl, self.ctrl_in.payload, self.payload_in.payload)),
                              self.ctrl_in.ready.eq(src_ctrl & ~p1),
                              self.payload_in.ready.eq(~src_ctrl & ~p1),
@@ -665,7 +668,9 @@ class LinkEngine(wiring.Component):
                 drive("need_clr", bit=data_slot)
                 drive("sent_set", bit=data_slot)
                 m.d.sync += [tx_order[data_slot].eq(send_count), send_count.eq(send_count + 1)]
-            with m.Elif(up & (cursors_dirty | probe_due | probe_reply_due | heartbeat_due)):
+            with m.Elif(up & (cursors_dirty | probe_due | probe_reply_due | heartbeat_due) & ~ctrl_ingest):
+                # (not while a ctrl message is being taken in: its DATA frame follows at once
+                # and carries the cursors; a SIGNAL started now would delay it a whole frame)
                 m.d.comb += [ser.start.eq(1), ser.type_byte.eq(FrameType.SIGNAL | Mux(probe_due, FLAG_PROBE, 0)),
                              ser.length.eq(0)]
                 m.d.sync += [probe_due.eq(0), probe_reply_due.eq(0)]
