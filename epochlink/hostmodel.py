@@ -20,7 +20,8 @@ class RegisterBankModel:
     """The register bank's behaviour on the bus.
 
     ``hardware`` gives the value the hardware drives on an RO register (by instance name);
-    registers missing from it read 0.
+    registers missing from it read 0. Command registers (``Register.command``, served by the
+    epoch engine in a NIC) are not in a bank: they answer ``BAD_ADDRESS``, as in the gateware.
     """
 
     def __init__(self, regmap: RegisterMap,
@@ -28,7 +29,8 @@ class RegisterBankModel:
         self.regmap = regmap
         self.hardware = hardware if hardware is not None else {}
         self.stored: dict[int, int] = {
-            inst.address: regmap.reset(inst) for inst in regmap if inst.access is not Access.RO}
+            inst.address: regmap.reset(inst) for inst in regmap
+            if inst.access is not Access.RO and inst.register.command is None}
 
     def _hw(self, inst: RegisterInstance) -> int:
         if callable(self.hardware):
@@ -47,7 +49,7 @@ class RegisterBankModel:
     def access(self, addr: int, write: bool, wdata: int = 0) -> tuple[Status, int]:
         """One bus access: (status, rdata)."""
         inst = self.regmap.at(addr)
-        if inst is None:
+        if inst is None or inst.register.command is not None:
             return Status.BAD_ADDRESS, 0
         current = self.value(inst)
         if not write:
