@@ -9,7 +9,7 @@ import time
 import pytest
 
 from epochlink.hdl.epoch_format import Role
-from epochlink.host import ConnectionLost, EpochRefused, ErrorResponse, LinkState, Node, Timeout
+from epochlink.host import ConnectionLost, EpochRefused, FenceMode, ErrorResponse, LinkState, Node, Timeout
 from epochlink.hostproto import Status
 from epochlink.registers import MAGIC
 from epochlink.sim.server import SimServer
@@ -100,6 +100,19 @@ def test_bad_register_accesses_change_nothing(cluster):
         leaf.set_active_version(300)
     after = leaf.epoch_status()
     assert (after.committed, after.local) == (before.committed, before.local)
+
+
+def test_identity_ports_and_fence(cluster):
+    sim, (root, leaf) = cluster
+    info = leaf.identify()
+    assert (info.node_id, info.ports) == (2, 1)
+    ports = leaf.ports()
+    assert len(ports) == 1 and ports[0].peer_id == 1 and ports[0].counters["frames_rx"] > 0
+    for mode in (FenceMode.DROP, FenceMode.PASS):
+        leaf.set_fence(mode)
+        assert leaf.read("FENCE_MODE") == mode
+    with pytest.raises(ValueError):
+        leaf.set_fence(7)
 
 
 def test_versions_converge_to_the_minimum(cluster):

@@ -403,6 +403,14 @@ def test_fuzz_verilator(design, tmp_path):
     assert data["fuzz"]["valid_requests"] > 3000
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [2, 3, 4])
+def test_fuzz_verilator_soak(design, tmp_path, seed):
+    """``make soak``: 10^5 more frames per seed."""
+    data = _run_cocotb(design, "fuzz_direct", tmp_path, {"FUZZ_FRAMES": "100000", "FUZZ_SEED": str(seed)})
+    assert data["fuzz"]["frames"] == 100000
+
+
 def test_host_protocol_over_uart_verilator(design, tmp_path):
     """The host library's sans-I/O code against the gateware through the UART pins."""
     data = _run_cocotb(design, "host_protocol_over_uart", tmp_path)

@@ -1,6 +1,6 @@
 """The contract table of docs/link.md, checked cell by cell on the real engines (Verilator).
 
-``sim/tb_contract.py`` holds one transfer in each phase by cutting a channel at the moment
+``sim/tb_contract.py`` holds one transfer of each class (payload, control) in each phase by cutting a channel at the moment
 the engines' cursors show the phase was reached, injects each fault, and records how often
 the message came out of the receiver. Here each recorded outcome is compared with
 :data:`epochlink.hdl.contract.PHASES`.
@@ -28,10 +28,11 @@ def outcomes(design, tmp_path_factory):  # noqa: F811
 
 @pytest.mark.parametrize("phase", [p.name for p in contract.PHASES])
 @pytest.mark.parametrize("fault", contract.FAULTS)
-def test_contract_cell(outcomes, phase, fault):
-    cell = f"{phase}/{fault}"
+@pytest.mark.parametrize("klass", contract.CLASSES)
+def test_contract_cell(outcomes, klass, phase, fault):
+    cell = f"{phase}/{fault}" if klass == "payload" else f"{klass}:{phase}/{fault}"
     assert cell in outcomes, f"{cell}: the transfer could not be held in this phase (see the cocotb log)"
-    expected = next(p for p in contract.PHASES if p.name == phase).outcome[fault]
+    expected = next(p for p in contract.PHASES if p.name == phase).outcomes(klass)[fault]
     assert outcomes[cell]["outcome"] == expected, (cell, outcomes[cell])
 
 
