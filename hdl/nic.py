@@ -93,12 +93,18 @@ class NICCore(wiring.Component):
     channel : str
         ``"full"``: a :class:`~epochlink.hdl.channel.ChannelModel` per port; ``"lite"``: a
         :class:`~epochlink.hdl.channel.LiteChannel` (for small FPGAs).
+    phy_cycles_per_byte : int
+        Clock cycles one byte takes on the link PHY (1 for a byte-wide PHY; about 10 x the
+        bit divisor for the boards' serial PHY). The link engine's timers (HELLO, heartbeat,
+        dead link, retransmission) are derived from the frame time, so they scale with it:
+        timers sized for a byte per cycle would declare a 9.6 Mbit/s link dead mid-frame.
     link_args :
-        More :class:`~epochlink.hdl.link.LinkEngine` parameters (timers).
+        More :class:`~epochlink.hdl.link.LinkEngine` parameters (explicit timers win).
     """
 
     def __init__(self, *, ports, clk_hz, baud=None, node_id=1, domains=8, ver_min=1, ver_max=1,
-                 window=8, max_payload=64, counter_width=32, channel="full", **link_args):
+                 window=8, max_payload=64, counter_width=32, channel="full",
+                 phy_cycles_per_byte=1, **link_args):
         from epochlink.host.transport import DEFAULT_BAUDRATE
         from epochlink.registers import MAX_PORTS
 
@@ -118,8 +124,16 @@ class NICCore(wiring.Component):
         self.ver_min, self.ver_max = ver_min, ver_max
         self.channel = channel
         self.counter_width = counter_width
+        if not isinstance(phy_cycles_per_byte, int) or phy_cycles_per_byte < 1:
+            raise ValueError(f"phy_cycles_per_byte must be a positive integer, not {phy_cycles_per_byte!r}")
+        # The link engine's default timers, for a PHY that moves one byte per cycle, stretched.
+        frame_cycles = (max_payload + 16) * phy_cycles_per_byte
+        timers = dict(hello_cycles=4 * frame_cycles, idle_cycles=2 * frame_cycles,
+                      dead_cycles=16 * frame_cycles + 256, retx_cycles=4 * frame_cycles + 64)
+        self.phy_cycles_per_byte = phy_cycles_per_byte
         self.node_args = dict(ports=ports, domains=domains, window=window,
-                              max_payload=max_payload, counter_width=counter_width, **link_args)
+                              max_payload=max_payload, counter_width=counter_width,
+                              **(timers if phy_cycles_per_byte > 1 else {}), **link_args)
         self.regmap = register_map(ports, domains)
         super().__init__(NICCoreSignature(ports))
 
