@@ -23,7 +23,8 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from .common import message_signature
-from .epoch_format import (CMD_VALUE_BITS, FLAG_SOLICIT, MSG_LEN, VERSION_BITS, CmdStatus,
+from .epoch_format import (CMD_VALUE_BITS, COMMITTED_CODE_SHIFT, EPOCH_CODE_SHIFT, FLAG_SOLICIT,
+                           MSG_LEN, RESERVED_BIT, TYPE_MASK, VERSION_BITS, CmdStatus,
                            MsgType, Op, Role)
 
 __all__ = ["EpochCommand", "EpochResponse", "EpochPortStatusSignature", "EpochStatusSignature",
@@ -258,14 +259,21 @@ class EpochEngine(wiring.Component):
         rx_bad = Signal()
         rx_report = Signal()
         rx_solicit = Signal()
-        rx_body = Signal(8 * (MSG_LEN - 1))
-        m_epoch = rx_body[0:32]
-        m_com = rx_body[32:64]
-        m_ver = rx_body[64:72]
+        rx_elen = Signal(3)         # bytes of the EPOCH field (0, 1, 2, 4)
+        rx_clen = Signal(3)         # bytes of the COMMITTED field
+        m_epoch = Signal(32)
+        m_com = Signal(32)
+        m_ver = Signal(8)
         rx_valid = Cat(s.valid for s in self.ctrl_in)
         rx_last = Cat(s.payload.last for s in self.ctrl_in).bit_select(idx, 1)
         byte = Array(s.payload.data for s in self.ctrl_in)[idx]
-        kind = byte & ~FLAG_SOLICIT
+
+        def field_bytes(code):
+            return Mux(code == 3, 4, code)
+
+        def type_ok(kind_byte):
+            t = kind_byte & TYPE_MASK
+            return ((t == MsgType.REPORT) | (t == MsgType.COMMIT)) & ~(kind_byte & RESERVED_BIT).any()
 
         acc = Signal(W)
         acc_ok = Signal()
@@ -307,13 +315,15 @@ class EpochEngine(wiring.Component):
                         with m.If(rx_valid[p]):
                             m.d.comb += first.eq(p)
                     first_byte = Array(s.payload.data for s in self.ctrl_in)[first]
-                    first_kind = first_byte & ~FLAG_SOLICIT
                     for p in range(P):
                         m.d.comb += self.ctrl_in[p].ready.eq(first == p)
                     m.d.sync += [
                         idx.eq(first), rx_cnt.eq(1),
-                        rx_bad.eq((first_kind != MsgType.REPORT) & (first_kind != MsgType.COMMIT)),
-                        rx_report.eq(first_kind == MsgType.REPORT),
+                        rx_bad.eq(~type_ok(first_byte)),
+                        rx_report.eq((first_byte & TYPE_MASK) == MsgType.REPORT),
+                        rx_elen.eq(field_bytes(first_byte[EPOCH_CODE_SHIFT:EPOCH_CODE_SHIFT + 2])),
+                        rx_clen.eq(field_bytes(first_byte[COMMITTED_CODE_SHIFT:COMMITTED_CODE_SHIFT + 2])),
+                        m_epoch.eq(0), m_com.eq(0),
                         rx_solicit.eq(first_byte[7]),
                     ]
                     with m.If(Cat(s.payload.last for s in self.ctrl_in).bit_select(first, 1)):
@@ -432,18 +442,19 @@ class EpochEngine(wiring.Component):
                 for p in range(P):
                     m.d.comb += self.ctrl_in[p].ready.eq(idx == p)
                 with m.If(rx_valid.bit_select(idx, 1)):
-                    with m.If(rx_cnt == 0):
-                        m.d.sync += [
-                            rx_bad.eq((kind != MsgType.REPORT) & (kind != MsgType.COMMIT)),
-                            rx_report.eq(kind == MsgType.REPORT),
-                            rx_solicit.eq(byte[7]),
-                        ]
-                    with m.Else():
-                        m.d.sync += rx_body.eq(Cat(rx_body[8:], byte))
+                    # (the TYPE byte was taken in IDLE: rx_cnt >= 1 here)
+                    ver_at = rx_elen + rx_clen + 1
+                    for k in range(4):
+                        with m.If((rx_cnt == k + 1) & (k < rx_elen)):
+                            m.d.sync += m_epoch[8 * k:8 * k + 8].eq(byte)
+                        with m.If((rx_cnt == rx_elen + k + 1) & (k < rx_clen)):
+                            m.d.sync += m_com[8 * k:8 * k + 8].eq(byte)
+                    with m.If(rx_cnt == ver_at):
+                        m.d.sync += m_ver.eq(byte)
                     with m.If(rx_cnt != MSG_LEN):
                         m.d.sync += rx_cnt.eq(rx_cnt + 1)
                     with m.If(rx_last):
-                        with m.If((rx_cnt == MSG_LEN - 1) & ~rx_bad):
+                        with m.If((rx_cnt == ver_at) & ~rx_bad):
                             m.next = "RX"
                         with m.Else():
                             m.d.sync += malformed.eq(malformed + 1)
@@ -563,6 +574,12 @@ class EpochEngine(wiring.Component):
         report_load = Signal(P)     # the parent port takes a REPORT snapshot
         with m.If(report_load.any()):
             m.d.sync += sent.eq(report)
+        def field_code(value):
+            """The shortest length code for an epoch field (see epoch_format)."""
+            return Mux(value == 0, 0, Mux((value >> 8) == 0, 1, Mux((value >> 16) == 0, 2, 3)))
+        report_code = Signal(2)
+        committed_code = Signal(2)
+        m.d.comb += [report_code.eq(field_code(report)), committed_code.eq(field_code(committed))]
         for p in range(P):
             cout = self.ctrl_out[p]
             busy = Signal(name=f"tx_busy{p}")
@@ -571,14 +588,21 @@ class EpochEngine(wiring.Component):
             t_epoch = Signal(W, name=f"tx_epoch{p}")
             t_com = Signal(W, name=f"tx_com{p}")
             t_ver = Signal(V, name=f"tx_ver{p}")
-            wire = Cat(t_type, t_epoch, Const(0, 32 - W), t_com, Const(0, 32 - W), t_ver)
+            t_elen = Signal(3, name=f"tx_elen{p}")
+            t_clen = Signal(3, name=f"tx_clen{p}")
+            epoch32 = Cat(t_epoch, Const(0, 32 - W))
+            com32 = Cat(t_com, Const(0, 32 - W))
+            last = cnt == t_elen + t_clen + 1
             m.d.comb += [
                 cout.valid.eq(busy),
-                cout.payload.data.eq(wire.word_select(cnt, 8)),
-                cout.payload.last.eq(cnt == MSG_LEN - 1),
+                cout.payload.data.eq(
+                    Mux(cnt == 0, t_type,
+                    Mux(cnt <= t_elen, epoch32.word_select((cnt - 1)[:2], 8),
+                    Mux(~last, com32.word_select((cnt - 1 - t_elen)[:2], 8), t_ver)))),
+                cout.payload.last.eq(last),
             ]
             with m.If(cout.valid & cout.ready):
-                with m.If(cnt == MSG_LEN - 1):
+                with m.If(last):
                     m.d.sync += [busy.eq(0), cnt.eq(0)]
                 with m.Else():
                     m.d.sync += cnt.eq(cnt + 1)
@@ -587,11 +611,15 @@ class EpochEngine(wiring.Component):
             m.d.comb += load.eq(~busy & pending[p] & up[p] &
                                 (is_child[p] | (parent & online & report_valid & ~hold)))
             with m.If(load):
+                e_code = Mux(parent, report_code, 0)
                 m.d.sync += [
                     busy.eq(1),
                     pending[p].eq(0),
                     t_type.eq(Mux(parent, MsgType.REPORT, MsgType.COMMIT) |
-                              Mux(heard[p], 0, FLAG_SOLICIT)),
+                              Mux(heard[p], 0, FLAG_SOLICIT) |
+                              (e_code << EPOCH_CODE_SHIFT) | (committed_code << COMMITTED_CODE_SHIFT)),
+                    t_elen.eq(field_bytes(e_code)),
+                    t_clen.eq(field_bytes(committed_code)),
                     t_epoch.eq(Mux(parent, report, 0)),
                     t_com.eq(committed),
                     t_ver.eq(Mux(parent, ver_report, ver_conv)),

@@ -6,14 +6,17 @@ This module does not depend on Amaranth, so the pure-Python reference model
 Messages
 --------
 The epoch engines of two neighbouring nodes talk over the control class of their link
-(``ctrl_in``/``ctrl_out`` of :class:`~epochlink.hdl.link.LinkEngine`). Every message has
-:data:`MSG_LEN` bytes::
+(``ctrl_in``/``ctrl_out`` of :class:`~epochlink.hdl.link.LinkEngine`). A message has
+2 to :data:`MSG_LEN` (10) bytes: each epoch field takes only the bytes its value needs
+(0, 1, 2 or 4, little-endian), because every byte costs three times per hop (into the link,
+on the wire, out of the link) and small epochs are the common case::
 
-    byte:  0      1 .. 4             5 .. 8                9
-         +------+------------------+---------------------+---------+
-         | TYPE | EPOCH (LE)       | COMMITTED (LE)      | VERSION |
-         +------+------------------+---------------------+---------+
-    TYPE = SOLICIT (bit 7) | type (bits 6:0)
+    byte:  0      1 .. e              e+1 .. e+c              e+c+1
+         +------+-------------------+-----------------------+---------+
+         | TYPE | EPOCH (LE, e B)   | COMMITTED (LE, c B)   | VERSION |
+         +------+-------------------+-----------------------+---------+
+    TYPE = SOLICIT (bit 7) | 0 (bit 6) | c code (bits 5:4) | e code (bits 3:2) | type (bits 1:0)
+    length codes 0, 1, 2, 3 = 0, 1, 2, 4 bytes (a field of 0 bytes is 0)
 
 =========  ==================================  ========================================
 TYPE       sent                                fields
@@ -32,8 +35,9 @@ receiver whose port role matches answers it by sending its current state on that
 role set after the link came up (the neighbour's link-up message arrived on an OFF port and
 was dropped) still converges, without waiting for a link event.
 
-Receivers drop (and count as *malformed*) messages of another length, another TYPE, or with
-an epoch that does not fit the receiver's ``epoch_width``. Messages of the wrong type for the
+Senders use the shortest code for each value; receivers accept any code. Receivers drop (and
+count as *malformed*) messages whose length is not 2 + e + c, with another type or bit 6 set,
+or with an epoch that does not fit the receiver's ``epoch_width``. Messages of the wrong type for the
 port's role (a REPORT on a PARENT port, anything on an OFF port) are dropped and counted as
 *misrouted*. Every field is monotone or idempotent: a lost message is made good by the next
 one or by the resend when the link comes up, a repeated or stale one changes nothing
@@ -45,12 +49,20 @@ import enum
 from dataclasses import dataclass
 
 __all__ = [
-    "MSG_LEN", "FLAG_SOLICIT", "VERSION_BITS", "CMD_VALUE_BITS", "MsgType", "Role", "Op",
+    "MSG_LEN", "MSG_MIN_LEN", "FIELD_BYTES", "field_code", "FLAG_SOLICIT", "VERSION_BITS", "CMD_VALUE_BITS", "MsgType", "Role", "Op",
     "CmdStatus", "FenceMode", "Message", "MessageError", "encode", "decode",
 ]
 
-#: Bytes per message.
+#: Bytes of the longest message (both epoch fields 4 bytes wide) and of the shortest.
 MSG_LEN = 10
+MSG_MIN_LEN = 2
+#: Bytes of an epoch field by its 2-bit length code.
+FIELD_BYTES = (0, 1, 2, 4)
+#: TYPE bits: the type, and where the two length codes sit.
+TYPE_MASK = 0x03
+EPOCH_CODE_SHIFT = 2
+COMMITTED_CODE_SHIFT = 4
+RESERVED_BIT = 0x40
 #: TYPE bit 7: the sender asks the receiver to send its current state on this link.
 FLAG_SOLICIT = 0x80
 #: Width of protocol versions (ACTIVE, converged); 0 means "unknown".
@@ -121,26 +133,40 @@ class Message:
         return cls(MsgType.COMMIT, 0, committed, version, solicit)
 
 
+def field_code(value: int) -> int:
+    """The shortest length code for an epoch field holding ``value``."""
+    return 0 if value == 0 else 1 if value < 1 << 8 else 2 if value < 1 << 16 else 3
+
+
 def encode(msg: Message) -> bytes:
-    """The :data:`MSG_LEN` bytes of ``msg``."""
+    """The bytes of ``msg`` (shortest encoding)."""
     if not (0 <= msg.epoch < 1 << 32 and 0 <= msg.committed < 1 << 32
             and 0 <= msg.version < 1 << VERSION_BITS):
         raise ValueError(f"field out of range: {msg}")
-    kind = int(msg.type) | (FLAG_SOLICIT if msg.solicit else 0)
-    return (bytes([kind]) + msg.epoch.to_bytes(4, "little")
-            + msg.committed.to_bytes(4, "little") + bytes([msg.version]))
+    ecode, ccode = field_code(msg.epoch), field_code(msg.committed)
+    kind = (int(msg.type) | ecode << EPOCH_CODE_SHIFT | ccode << COMMITTED_CODE_SHIFT
+            | (FLAG_SOLICIT if msg.solicit else 0))
+    return (bytes([kind]) + msg.epoch.to_bytes(FIELD_BYTES[ecode], "little")
+            + msg.committed.to_bytes(FIELD_BYTES[ccode], "little") + bytes([msg.version]))
 
 
 def decode(data: bytes, epoch_width: int = 32) -> Message:
     """Parse one message; raise :class:`MessageError` where a receiver counts it malformed."""
-    if len(data) != MSG_LEN:
-        raise MessageError(f"length {len(data)}, expected {MSG_LEN}")
+    if not data:
+        raise MessageError("empty message")
+    kind = data[0]
+    if kind & RESERVED_BIT:
+        raise MessageError(f"reserved TYPE bit set in {kind:#04x}")
     try:
-        mtype = MsgType(data[0] & ~FLAG_SOLICIT)
+        mtype = MsgType(kind & TYPE_MASK)
     except ValueError:
-        raise MessageError(f"unknown type {data[0]:#04x}") from None
-    epoch = int.from_bytes(data[1:5], "little")
-    committed = int.from_bytes(data[5:9], "little")
+        raise MessageError(f"unknown type {kind:#04x}") from None
+    elen = FIELD_BYTES[kind >> EPOCH_CODE_SHIFT & 3]
+    clen = FIELD_BYTES[kind >> COMMITTED_CODE_SHIFT & 3]
+    if len(data) != 2 + elen + clen:
+        raise MessageError(f"length {len(data)}, expected {2 + elen + clen}")
+    epoch = int.from_bytes(data[1:1 + elen], "little")
+    committed = int.from_bytes(data[1 + elen:1 + elen + clen], "little")
     if epoch >> epoch_width or committed >> epoch_width:
         raise MessageError(f"epoch wider than {epoch_width} bits")
-    return Message(mtype, epoch, committed, data[9], bool(data[0] & FLAG_SOLICIT))
+    return Message(mtype, epoch, committed, data[-1], bool(kind & FLAG_SOLICIT))

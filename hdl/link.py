@@ -1,9 +1,9 @@
 """The bilateral link engine: framed, CRC-checked, TIKTYKTIK-style transfers.
 
 A :class:`LinkEngine` sits at one end of a byte-wide link. Messages written to its
-``payload_in`` (or, with priority, ``ctrl_in``) stream come out of the far engine's
-``payload_out`` (``ctrl_out``) stream in order and exactly once. Each message is one
-*transfer*, and every transfer goes through four one-way trips (see ``docs/link.md``):
+``payload_in`` stream come out of the far engine's ``payload_out`` stream in order and
+exactly once. Each message is one *transfer*, and every transfer goes through four one-way
+trips (see ``docs/link.md``):
 
 1. DATA A->B: Bob stores it *tentatively* in his receive window.
 2. REFLECT B->A: Bob echoes the sequence number and the digest (CRC-32) of what he holds.
@@ -11,6 +11,11 @@ A :class:`LinkEngine` sits at one end of a byte-wide link. Messages written to i
 3. commit A->B: Alice's commit cursor moves past the transfer (piggybacked on any frame).
    Bob now knows that Alice knows; he *delivers* the message and becomes responsible.
 4. deliver B->A: Bob's delivery cursor moves past it; Alice frees her copy.
+
+Messages written to ``ctrl_in`` (the control class: priority over payload, for idempotent,
+monotone facts) take the same four trips, but Bob hands them out on ``ctrl_out`` already at
+their first intact arrival (trip 1), in sequence order, at most once per sequence number while
+neither end restarts, at least once across resets (the contract in ``hdl/contract.py``).
 
 Up to ``window`` transfers are in flight at once (a replay buffer, as in PCIe's data link
 layer); signals are cumulative cursors carried by every frame, so they coalesce and ride on
@@ -321,8 +326,11 @@ class LinkEngine(wiring.Component):
     ----------
     phy_tx, phy_rx : byte streams to and from the wire (``phy_rx`` cannot be stalled).
     payload_in, ctrl_in : messages to send; ``ctrl_in`` has priority.
-    payload_out, ctrl_out : delivered messages, in order, exactly once.
+    payload_out : delivered messages, in order, exactly once (at the commit).
+    ctrl_out : control-class messages, in order, at their first intact arrival.
     node_id, ver_min, ver_max : this node's identity and supported protocol versions.
+    ctrl_abort : while 1, a ctrl message being taken in is dropped (its source was reset
+        inside it): no message is ever spliced from two.
     enable : while 0 the link is held DOWN and sends nothing.
     status : :class:`LinkStatusSignature`.
     """
@@ -350,6 +358,7 @@ class LinkEngine(wiring.Component):
             "ctrl_in": In(message_signature()),
             "payload_out": Out(message_signature()),
             "ctrl_out": Out(message_signature()),
+            "ctrl_abort": In(1),
             "node_id": In(16),
             "ver_min": In(8, init=1),
             "ver_max": In(8, init=1),
@@ -522,7 +531,11 @@ class LinkEngine(wiring.Component):
                              self.ctrl_in.ready.eq(src_ctrl & ~p1),
                              self.payload_in.ready.eq(~src_ctrl & ~p1),
                              txb_w.data.eq(src.data)]
-                with m.If(valid):
+                with m.If(src_ctrl & self.ctrl_abort):
+                    # the ctrl source was reset inside a message: drop what came of it
+                    m.d.comb += [self.ctrl_in.ready.eq(0)]
+                    m.next = "IDLE"
+                with m.Elif(valid):
                     m.d.comb += txb_w.en.eq(1)
                     m.d.sync += in_index.eq(in_index + 1)
                     with m.If(src.last):
@@ -540,7 +553,7 @@ class LinkEngine(wiring.Component):
                 valid = Mux(src_ctrl, self.ctrl_in.valid, self.payload_in.valid)
                 last = Mux(src_ctrl, self.ctrl_in.payload.last, self.payload_in.payload.last)
                 m.d.comb += [self.ctrl_in.ready.eq(src_ctrl), self.payload_in.ready.eq(~src_ctrl)]
-                with m.If(valid & last):
+                with m.If(valid & last | src_ctrl & self.ctrl_abort):
                     m.next = "IDLE"
 
         # ---- delivery ---------------------------------------------------------------------

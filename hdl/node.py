@@ -8,9 +8,10 @@
      host ──payload──► EpochTagger ──────────────────────► payload_in[p]
      host ◄─payload─── EpochFence ◄──────────────────────  payload_out[p]
 
-The epoch engine's REPORT and COMMIT messages travel as control-class transfers, so they
-get the link's exactly-once, in-order, reflectively acknowledged delivery and priority over
-payload. Payload messages are tagged with this node's COMMITTED epoch and protocol version
+The epoch engine's REPORT and COMMIT messages travel as control-class transfers: priority
+over payload, delivered in order at their first intact arrival (one one-way trip, not three),
+at most once while neither end restarts; they are lattice facts, so a copy or a repeat across
+a reset is harmless. Payload messages are tagged with this node's COMMITTED epoch and protocol version
 and fenced at the far side (see :mod:`epochlink.hdl.fence`).
 """
 from amaranth import *
@@ -81,6 +82,8 @@ class NICNode(wiring.Component):
                 link.node_id.eq(self.node_id), link.ver_min.eq(self.ver_min),
                 link.ver_max.eq(self.ver_max), link.enable.eq(self.link_enable[p]),
                 engine.link_up[p].eq(link.status.state == LinkState.UP),
+                # an engine reset inside a message must not splice it with the next one
+                link.ctrl_abort.eq(self.epoch_reset),
             ]
             wiring.connect(m, engine.ctrl_out[p], link.ctrl_in)
             wiring.connect(m, link.ctrl_out, engine.ctrl_in[p])

@@ -1,6 +1,7 @@
 """Drive one transfer into each phase of the contract, inject each fault, record the outcome.
 
-For every (phase, fault) cell of :data:`epochlink.hdl.contract.PHASES` this testbench
+For both transfer classes (payload: ``a_in`` -> ``b_out``; control: ``a_ctrl_in`` ->
+``b_ctrl_out``) and every (phase, fault) cell of :data:`epochlink.hdl.contract.PHASES` this testbench
 steers a real :class:`~epochlink.sim.link_pair.LinkPair` with channel cuts timed on the
 engines' own cursors, so the transfer is held in exactly that phase, then cuts the link or
 resets a node, lets the link recover, and counts how often the message came out of B.
@@ -16,7 +17,7 @@ import cocotb
 from cocotb.clock import Clock
 from cocotb.triggers import ClockCycles, RisingEdge, Timer
 
-from epochlink.hdl.contract import FAULTS, NEVER, ONCE, PHASES, TWICE
+from epochlink.hdl.contract import CLASSES, FAULTS, NEVER, ONCE, PHASES, TWICE
 from epochlink.hdl.frame import LinkState
 from epochlink.sim.tb_link import CLOCK_NS, Message, MessageSink, MessageSource, configure_channels, status
 
@@ -56,12 +57,17 @@ def record(cell, result):
         json.dump(results, f, indent=2)
 
 
+def cell_name(klass, phase, fault):
+    return f"{phase}/{fault}" if klass == "payload" else f"{klass}:{phase}/{fault}"
+
+
 @cocotb.test()
-@cocotb.parametrize(phase=[p.name for p in PHASES], fault=list(FAULTS))
-async def contract_cell(dut, phase, fault):
+@cocotb.parametrize(klass=list(CLASSES), phase=[p.name for p in PHASES], fault=list(FAULTS))
+async def contract_cell(dut, klass, phase, fault):
     await start(dut)
-    source = MessageSource(dut, "a_in", "a")
-    sink = MessageSink(dut, "b_out")
+    ctrl = klass == "ctrl"
+    source = MessageSource(dut, "a_ctrl_in" if ctrl else "a_in", "a")
+    sink = MessageSink(dut, "b_ctrl_out" if ctrl else "b_out")
     cocotb.start_soon(source.run())
     cocotb.start_soon(sink.run())
     ident = 0xC0DE0000 + len(sink.messages)
@@ -92,7 +98,8 @@ async def contract_cell(dut, phase, fault):
     held_by_a = status(dut, "a", "in_flight")
     delivered_before = len(sink.messages)
     expected_held = {"SENT": 1, "TENTATIVE": 1, "REFLECTED": 1, "DELIVERED": 1, "FREED": 0}[phase]
-    expected_delivered = 1 if phase in ("DELIVERED", "FREED") else 0
+    # (the control class is delivered at its first intact arrival)
+    expected_delivered = 1 if phase in ("DELIVERED", "FREED") or (ctrl and phase != "SENT") else 0
     assert held_by_a == expected_held and delivered_before == expected_delivered, (
         f"could not hold the transfer in {phase}: A holds {held_by_a}, B delivered {delivered_before}")
 
@@ -121,10 +128,10 @@ async def contract_cell(dut, phase, fault):
     await ClockCycles(dut.clk, 500)
     count = sum(1 for m in sink.messages if m == message)
     outcome = {0: NEVER, 1: ONCE, 2: TWICE}.get(count, f"{count} times")
-    record(f"{phase}/{fault}", {"outcome": outcome, "a_held_at_fault": held_by_a,
+    record(cell_name(klass, phase, fault), {"outcome": outcome, "a_held_at_fault": held_by_a,
                                 "b_delivered_at_fault": delivered_before,
                                 "a_aborts": status(dut, "a", "aborts"),
                                 "a_link_downs": status(dut, "a", "link_downs"),
                                 "b_link_downs": status(dut, "b", "link_downs")})
-    expected = next(p for p in PHASES if p.name == phase).outcome[fault]
-    assert outcome == expected, f"{phase} + {fault}: {outcome}, contract says {expected}"
+    expected = next(p for p in PHASES if p.name == phase).outcomes(klass)[fault]
+    assert outcome == expected, f"{klass} {phase} + {fault}: {outcome}, contract says {expected}"

@@ -509,3 +509,27 @@ def test_hello_reports_receive_cursors():
         hello = Hello.decode((await peer.wait_for(lambda f: f.type == FrameType.HELLO)).payload)
         assert (hello.rx_commit, hello.rx_next) == (2, 0)
     run(bench)
+
+
+def test_ctrl_abort_drops_a_partial_ctrl_message():
+    """A ctrl source reset inside a message: its first bytes are dropped, never spliced
+    with the next message."""
+    async def bench(dut, ctx, peer):
+        await peer.bring_up()
+        for byte in b"\x11\x22":
+            ctx.set(dut.ctrl_in.valid, 1)
+            ctx.set(dut.ctrl_in.payload, {"data": byte, "last": 0})
+            while True:
+                ready = ctx.get(dut.ctrl_in.ready)
+                await peer.tick()
+                if ready:
+                    break
+        ctx.set(dut.ctrl_in.valid, 0)
+        ctx.set(dut.ctrl_abort, 1)
+        await peer.tick()
+        ctx.set(dut.ctrl_abort, 0)
+        await push_message(peer, dut.ctrl_in, b"\x05\x06\x07")
+        data = await peer.wait_for(lambda f: f.type == FrameType.DATA)
+        assert data.payload == b"\x05\x06\x07" and data.flags & FLAG_CTRL and data.seq == 0
+        assert ctx.get(dut.status.tx_next) == 1
+    run(bench)
