@@ -467,17 +467,18 @@ class EpochEngine(wiring.Component):
                 # max-merge: a repeated or stale REPORT changes nothing
                 m.d.comb += [cmp_a.eq(m_epoch), cmp_b.eq(idx_rep)]
                 fits = ((m_epoch | m_com) >> W) == 0 if W < 32 else Const(1)
-                m.next = "RX_CERT"
+                from_child = (idx_role == Role.CHILD) & rx_report
+                from_parent = (idx_role == Role.PARENT) & ~rx_report
+                m.next = "IDLE"
                 with m.If(~fits):
                     m.d.sync += malformed.eq(malformed + 1)
-                    m.next = "IDLE"
-                with m.Elif((idx_role == Role.CHILD) & rx_report):
+                with m.Elif(from_child):
                     for p in for_port(idx):
                         with m.If(~heard[p] | ~lt):
                             m.d.sync += child_rep[p].eq(m_epoch)
                         m.d.sync += [heard[p].eq(1), child_ver[p].eq(m_ver)]
                     m.d.sync += need_report.eq(1)
-                with m.Elif((idx_role == Role.PARENT) & ~rx_report):
+                with m.Elif(from_parent):
                     for p in for_port(idx):
                         m.d.sync += heard[p].eq(1)
                     with m.If(m_ver != ver_conv):
@@ -485,18 +486,17 @@ class EpochEngine(wiring.Component):
                         m.d.comb += pend_kids.eq(1)
                 with m.Else():
                     m.d.sync += misrouted.eq(misrouted + 1)
-                    m.next = "IDLE"
-            with m.State("RX_CERT"):
-                # a neighbour's COMMITTED is a certificate: adopt it
-                m.d.comb += [cmp_a.eq(m_com), cmp_b.eq(committed)]
-                with m.If(~lt & (m_com != committed)):
-                    m.d.sync += committed.eq(m_com)
-                    m.d.comb += pend_kids.eq(1)
-                with m.If(rx_solicit):
-                    # answer with the state this message has just updated
-                    for p in for_port(idx):
-                        m.d.comb += pend_set[p].eq(1)
-                with m.If(rx_report & (idx_role == Role.CHILD) & ~self.cmd.valid):
+                with m.If(fits & (from_child | from_parent)):
+                    # a neighbour's COMMITTED is a certificate: adopt it (own comparator, so
+                    # that this takes no extra cycle)
+                    with m.If(~(m_com < committed) & (m_com != committed)):
+                        m.d.sync += committed.eq(m_com)
+                        m.d.comb += pend_kids.eq(1)
+                    with m.If(rx_solicit):
+                        # answer with the state this message has just updated
+                        for p in for_port(idx):
+                            m.d.comb += pend_set[p].eq(1)
+                with m.If(fits & from_child & ~self.cmd.valid):
                     # a child's REPORT: recompute REPORT at once (what IDLE would do next;
                     # LOCAL is rescanned first if it is due)
                     m.d.sync += [idx.eq(0), acc_ok.eq(0)]
@@ -508,8 +508,6 @@ class EpochEngine(wiring.Component):
                         m.d.sync += [need_report.eq(0), acc.eq(local), acc_ok.eq(local_valid),
                                      vacc.eq(active)]
                         m.next = "RSCAN"
-                with m.Else():
-                    m.next = "IDLE"
 
             # -- LOCAL = min over enabled domains (memory read one cycle ahead) ------------
             with m.State("LSCAN"):

@@ -512,43 +512,43 @@ class LinkEngine(wiring.Component):
         in_index = Signal(8)
         in_slot = slot_of(tx_next)
         m.d.comb += [txb_w.addr.eq(in_slot * MAXP + in_index)]
+        def take_byte(is_ctrl, index):
+            """Store one input byte at ``index`` of slot tx_next; finish on its last byte."""
+            src = Signal.like(self.ctrl_in.payload, name=f"src_at_{'0' if isinstance(index, int) else 'i'}")
+            m.d.comb += [src.eq(Mux(is_ctrl, self.ctrl_in.payload, self.payload_in.payload)),
+                         txb_w.addr.eq(in_slot * MAXP + index), txb_w.data.eq(src.data), txb_w.en.eq(1),
+                         self.ctrl_in.ready.eq(is_ctrl), self.payload_in.ready.eq(~is_ctrl)]
+            m.d.sync += in_index.eq(index + 1)
+            with m.If(src.last):
+                m.d.sync += [tx_len[in_slot].eq(index + 1),
+                             tx_ctrl.bit_select(in_slot, 1).eq(is_ctrl),
+                             tx_next.eq(tx_next + 1)]
+                drive("need_set", bit=in_slot)
+                drive("refl_clr", bit=in_slot)
+                drive("sent_clr", bit=in_slot)
+                m.next = "IDLE"
+            with m.Elif(index == MAXP - 1):
+                m.d.comb += incr["oversize"].eq(1)
+                m.next = "DRAIN"
+            with m.Else():
+                m.next = "COPY"
+
         with m.FSM(name="ingest"):
             with m.State("IDLE"):
+                # A message's first byte is taken at once (ctrl first at a message boundary).
+                pick_ctrl = self.ctrl_in.valid & ~self.ctrl_abort
                 with m.If(~fresh & lt_w(tx_in_flight)):
-                    m.d.sync += in_index.eq(0)
                     m.d.comb += ctrl_ingest.eq(self.ctrl_in.valid)
-                    with m.If(self.ctrl_in.valid):
-                        m.d.sync += src_ctrl.eq(1)
-                        m.next = "COPY"
-                    with m.Elif(self.payload_in.valid):
-                        m.d.sync += src_ctrl.eq(0)
-                        m.next = "COPY"
+                    with m.If((pick_ctrl | self.payload_in.valid) & ~p1):
+                        m.d.sync += src_ctrl.eq(pick_ctrl)
+                        take_byte(pick_ctrl, 0)
             with m.State("COPY"):
-                src = Signal.like(self.ctrl_in.payload)
-                valid = Mux(src_ctrl, self.ctrl_in.valid, self.payload_in.valid) & ~p1
                 m.d.comb += ctrl_ingest.eq(src_ctrl & self.ctrl_in.valid)
-                m.d.comb += [src.eq(Mux(src_ctrl, self.ctrl_in.payload, self.payload_in.payload)),
-                             self.ctrl_in.ready.eq(src_ctrl & ~p1),
-                             self.payload_in.ready.eq(~src_ctrl & ~p1),
-                             txb_w.data.eq(src.data)]
                 with m.If(src_ctrl & self.ctrl_abort):
                     # the ctrl source was reset inside a message: drop what came of it
-                    m.d.comb += [self.ctrl_in.ready.eq(0)]
                     m.next = "IDLE"
-                with m.Elif(valid):
-                    m.d.comb += txb_w.en.eq(1)
-                    m.d.sync += in_index.eq(in_index + 1)
-                    with m.If(src.last):
-                        m.d.sync += [tx_len[in_slot].eq(in_index + 1),
-                                     tx_ctrl.bit_select(in_slot, 1).eq(src_ctrl),
-                                     tx_next.eq(tx_next + 1)]
-                        drive("need_set", bit=in_slot)
-                        drive("refl_clr", bit=in_slot)
-                        drive("sent_clr", bit=in_slot)
-                        m.next = "IDLE"
-                    with m.Elif(in_index == MAXP - 1):
-                        m.d.comb += incr["oversize"].eq(1)
-                        m.next = "DRAIN"
+                with m.Elif(Mux(src_ctrl, self.ctrl_in.valid, self.payload_in.valid) & ~p1):
+                    take_byte(src_ctrl, in_index)
             with m.State("DRAIN"):
                 valid = Mux(src_ctrl, self.ctrl_in.valid, self.payload_in.valid)
                 last = Mux(src_ctrl, self.ctrl_in.payload.last, self.payload_in.payload.last)
@@ -584,10 +584,17 @@ class LinkEngine(wiring.Component):
         delivered = Signal()
         m.d.comb += [rxb_r.addr.eq(st_slot * MAXP + out_index), rxb_r.en.eq(0)]
         e_pass = Signal()       # E passes a held payload transfer
+        early_arrival = Signal()  # p2: the ctrl transfer at E is being stored right now
         skip = Signal()         # rx_next retires a ctrl transfer E has delivered
         with m.FSM(name="deliver"):
             with m.State("IDLE"):
                 with m.If(e_held & e_ctrl):
+                    m.d.comb += [rxb_r.en.eq(1), rxb_r.addr.eq(e_slot * MAXP)]
+                    m.d.sync += [out_index.eq(1), st_slot.eq(e_slot), st_ctrl.eq(1), st_early.eq(1),
+                                 early_moved.eq(0)]
+                    m.next = "STREAM"
+                with m.Elif(early_arrival):
+                    # (it becomes held at the end of this cycle: start streaming it now)
                     m.d.comb += [rxb_r.en.eq(1), rxb_r.addr.eq(e_slot * MAXP)]
                     m.d.sync += [out_index.eq(1), st_slot.eq(e_slot), st_ctrl.eq(1), st_early.eq(1),
                                  early_moved.eq(0)]
@@ -873,6 +880,7 @@ class LinkEngine(wiring.Component):
             with m.If(c_data):
                 with m.If(c_in_window):
                     with m.If(dfr.wrote):
+                        m.d.comb += early_arrival.eq(dfr.flags[_flag_bit(FLAG_CTRL)] & (f_seq == rx_early))
                         m.d.sync += [rx_len[f_slot].eq(f_len)]
                         m.d.sync += rx_ctrl.bit_select(f_slot, 1).eq(dfr.flags[_flag_bit(FLAG_CTRL)])
                         drive("rxv_set", bit=f_slot)

@@ -776,5 +776,5 @@ def test_turnaround_child_report_to_parent_report():
     run(dut, bench)
     assert result["msg"].epoch == 3
     assert result["len"] == 3, "epoch 3 takes one byte, COMMITTED 0 none"
-    # RX, RX_CERT, the REPORT rescan over P ports, RDONE, load: no detour through IDLE
-    assert result["cycles"] <= P + 6, result["cycles"]
+    # RX (with the certificate), the REPORT rescan over P ports, RDONE, load: no detour through IDLE
+    assert result["cycles"] <= P + 4, result["cycles"]
