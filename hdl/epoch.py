@@ -130,6 +130,8 @@ class EpochEngine(wiring.Component):
         To and from the link engine of each port (its ``ctrl_out``/``ctrl_in``). Received
         messages are taken one at a time, whole: a source must not pause inside a message
         while its link is up (a link engine never does).
+    ctrl_out_len : array of P outputs
+        The length of the message on ``ctrl_out[p]`` (for the link's cut-through).
     link_up : array of P inputs
         1 while the port's link is UP. Messages start only while it is 1; a rising edge
         resends the port's state; a message that stops arriving while it is 0 is dropped.
@@ -179,6 +181,7 @@ class EpochEngine(wiring.Component):
             "rsp": Out(stream.Signature(EpochResponse)),
             "ctrl_in": In(message_signature()).array(ports),
             "ctrl_out": Out(message_signature()).array(ports),
+            "ctrl_out_len": Out(8).array(ports),
             "link_up": In(1).array(ports),
             "status": Out(EpochStatusSignature(domains, ports, epoch_width, counter_width)),
         })
@@ -598,6 +601,7 @@ class EpochEngine(wiring.Component):
                     Mux(cnt <= t_elen, epoch32.word_select((cnt - 1)[:2], 8),
                     Mux(~last, com32.word_select((cnt - 1 - t_elen)[:2], 8), t_ver)))),
                 cout.payload.last.eq(last),
+                self.ctrl_out_len[p].eq(t_elen + t_clen + 2),
             ]
             with m.If(cout.valid & cout.ready):
                 with m.If(last):

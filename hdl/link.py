@@ -97,12 +97,20 @@ class _Serializer(Elaboratable):
         self.buf_addr = Signal(range((1 << slot_bits) * max_payload + 1))  # payload read port
         self.buf_en = Signal()
         self.buf_data = Signal(8)
+        self.read_index = Signal(8)  # out: payload byte index read with buf_en
+        self.poison = Signal()      # in: the frame in progress must fail its FCS
         self._slot_bits = slot_bits
         self._max_payload = max_payload
 
     def elaborate(self, platform):
         m = Module()
         m.submodules.crc = fcs = crc.catalog.CRC32_ETHERNET(8).create()
+
+        bad = Signal()              # poisoned: the FCS goes out inverted
+        with m.If(self.start):
+            m.d.sync += bad.eq(0)
+        with m.Elif(self.poison):
+            m.d.sync += bad.eq(1)
 
         type_byte = Signal(8)
         seq = Signal(8)
@@ -148,7 +156,8 @@ class _Serializer(Elaboratable):
                 m.d.comb += [self.busy.eq(1), tx.valid.eq(1), byte.eq(length), fcs.valid.eq(accepted)]
                 with m.If(accepted):
                     # Prefetch the first payload byte from the buffer.
-                    m.d.comb += [self.buf_en.eq(1), self.buf_addr.eq(slot * self._max_payload)]
+                    m.d.comb += [self.buf_en.eq(1), self.buf_addr.eq(slot * self._max_payload),
+                                 self.read_index.eq(0)]
                     m.d.sync += index.eq(0)
                     with m.If(length == 0):
                         m.next = "CCUR"
@@ -160,7 +169,8 @@ class _Serializer(Elaboratable):
                 m.d.comb += [self.busy.eq(1), tx.valid.eq(1), fcs.valid.eq(accepted),
                              byte.eq(Mux(is_data, self.buf_data, small_bytes[index[:exact_log2(HELLO_LEN)]]))]
                 with m.If(accepted):
-                    m.d.comb += [self.buf_en.eq(1), self.buf_addr.eq(slot * self._max_payload + index + 1)]
+                    m.d.comb += [self.buf_en.eq(1), self.buf_addr.eq(slot * self._max_payload + index + 1),
+                                 self.read_index.eq(index + 1)]
                     m.d.sync += index.eq(index + 1)
                     with m.If(index == length - 1):
                         m.next = "CCUR"
@@ -178,7 +188,8 @@ class _Serializer(Elaboratable):
                     m.next = "FCS"
             with m.State("FCS"):
                 fcs_bytes = Array(fcs.crc[8 * i:8 * i + 8] for i in range(4))
-                m.d.comb += [self.busy.eq(1), tx.valid.eq(1), byte.eq(fcs_bytes[index[:2]])]
+                m.d.comb += [self.busy.eq(1), tx.valid.eq(1),
+                             byte.eq(fcs_bytes[index[:2]] ^ Mux(bad | self.poison, 0xFF, 0))]
                 with m.If(accepted):
                     m.d.sync += index.eq(index + 1)
                     with m.If(index == 3):
@@ -331,6 +342,10 @@ class LinkEngine(wiring.Component):
     node_id, ver_min, ver_max : this node's identity and supported protocol versions.
     ctrl_abort : while 1, a ctrl message being taken in is dropped (its source was reset
         inside it): no message is ever spliced from two.
+    ctrl_len : the length of the ctrl message whose first byte is on ``ctrl_in`` (0: not
+        known). With it the DATA frame may start while the message is still being taken in
+        (cut-through); a message that does not match it, or falls behind the frame, makes
+        that frame fail its FCS and is sent again whole.
     enable : while 0 the link is held DOWN and sends nothing.
     status : :class:`LinkStatusSignature`.
     """
@@ -359,6 +374,7 @@ class LinkEngine(wiring.Component):
             "payload_out": Out(message_signature()),
             "ctrl_out": Out(message_signature()),
             "ctrl_abort": In(1),
+            "ctrl_len": In(8),
             "node_id": In(16),
             "ver_min": In(8, init=1),
             "ver_max": In(8, init=1),
@@ -512,6 +528,34 @@ class LinkEngine(wiring.Component):
         in_index = Signal(8)
         in_slot = slot_of(tx_next)
         m.d.comb += [txb_w.addr.eq(in_slot * MAXP + in_index)]
+        # Cut-through (ctrl messages with a length hint): the DATA frame of slot tx_next may
+        # start while the message is taken in. The serializer reads payload byte j five
+        # cycles after the frame starts plus j; if a byte is not stored by then, the message
+        # turns out another length, or it is aborted, the frame is poisoned (its FCS goes out
+        # inverted, the receiver drops it) and the message is sent again once it is whole.
+        ct_hint = Signal(8)         # the hint taken with the first byte (0: none)
+        ct_started = Signal()       # a cut-through frame of the message being taken in is out
+        ct_bad = Signal()           # it was poisoned
+        ct_taking0 = Signal()       # comb: byte 0 of a ctrl message is taken this cycle
+        ct_copying = Signal()       # comb: a ctrl message is being taken in (COPY)
+        ct_start = Signal()         # comb: the scheduler starts the cut-through frame now
+        ct_poison = Signal()        # comb: poison it now
+        ct_hazard = Signal()        # comb: ... because it fell behind or was aborted
+        ct_len_now = Mux(ct_taking0, self.ctrl_len, ct_hint)
+        ct_ready = ((ct_taking0 | ct_copying) & (ct_len_now != 0) & (ct_len_now <= MAXP) &
+                    ~ct_started & ~ct_bad)
+        ct_live = ct_started | ct_start
+        written = Mux(ct_taking0, 0, in_index)    # bytes stored before this cycle
+        m.d.comb += ser.poison.eq(ct_poison)
+        with m.If(ct_started & ser.buf_en & (ser.read_index < ct_hint) & (ser.read_index >= written)):
+            m.d.comb += ct_hazard.eq(1)
+        with m.If(ct_started & self.ctrl_abort):
+            m.d.comb += ct_hazard.eq(1)
+        with m.If(ct_hazard):
+            m.d.comb += ct_poison.eq(1)
+        with m.If(ct_start):
+            m.d.sync += ct_started.eq(1)
+
         def take_byte(is_ctrl, index):
             """Store one input byte at ``index`` of slot tx_next; finish on its last byte."""
             src = Signal.like(self.ctrl_in.payload, name=f"src_at_{'0' if isinstance(index, int) else 'i'}")
@@ -522,11 +566,23 @@ class LinkEngine(wiring.Component):
             with m.If(src.last):
                 m.d.sync += [tx_len[in_slot].eq(index + 1),
                              tx_ctrl.bit_select(in_slot, 1).eq(is_ctrl),
-                             tx_next.eq(tx_next + 1)]
-                drive("need_set", bit=in_slot)
+                             tx_next.eq(tx_next + 1), ct_started.eq(0)]
                 drive("refl_clr", bit=in_slot)
-                drive("sent_clr", bit=in_slot)
+                with m.If(ct_live & (index + 1 == ct_len_now) & ~ct_hazard & ~ct_bad):
+                    drive("sent_set", bit=in_slot)      # its frame is on the wire, intact
+                with m.Else():
+                    drive("need_set", bit=in_slot)
+                    drive("sent_clr", bit=in_slot)
+                    with m.If(ct_live):
+                        m.d.comb += ct_poison.eq(1)
                 m.next = "IDLE"
+            with m.Elif(ct_live & (index + 1 == ct_len_now)):
+                m.d.comb += ct_poison.eq(1)             # longer than announced
+                with m.If(index == MAXP - 1):
+                    m.d.comb += incr["oversize"].eq(1)
+                    m.next = "DRAIN"
+                with m.Else():
+                    m.next = "COPY"
             with m.Elif(index == MAXP - 1):
                 m.d.comb += incr["oversize"].eq(1)
                 m.next = "DRAIN"
@@ -540,12 +596,15 @@ class LinkEngine(wiring.Component):
                 with m.If(~fresh & lt_w(tx_in_flight)):
                     m.d.comb += ctrl_ingest.eq(self.ctrl_in.valid)
                     with m.If((pick_ctrl | self.payload_in.valid) & ~p1):
-                        m.d.sync += src_ctrl.eq(pick_ctrl)
+                        m.d.sync += [src_ctrl.eq(pick_ctrl), ct_hint.eq(Mux(pick_ctrl, self.ctrl_len, 0)),
+                                     ct_bad.eq(0)]
+                        m.d.comb += ct_taking0.eq(pick_ctrl)
                         take_byte(pick_ctrl, 0)
             with m.State("COPY"):
-                m.d.comb += ctrl_ingest.eq(src_ctrl & self.ctrl_in.valid)
+                m.d.comb += [ctrl_ingest.eq(src_ctrl & self.ctrl_in.valid), ct_copying.eq(src_ctrl)]
                 with m.If(src_ctrl & self.ctrl_abort):
                     # the ctrl source was reset inside a message: drop what came of it
+                    m.d.sync += ct_started.eq(0)
                     m.next = "IDLE"
                 with m.Elif(Mux(src_ctrl, self.ctrl_in.valid, self.payload_in.valid) & ~p1):
                     take_byte(src_ctrl, in_index)
@@ -554,7 +613,10 @@ class LinkEngine(wiring.Component):
                 last = Mux(src_ctrl, self.ctrl_in.payload.last, self.payload_in.payload.last)
                 m.d.comb += [self.ctrl_in.ready.eq(src_ctrl), self.payload_in.ready.eq(~src_ctrl)]
                 with m.If(valid & last | src_ctrl & self.ctrl_abort):
+                    m.d.sync += ct_started.eq(0)
                     m.next = "IDLE"
+        with m.If(ct_poison):      # (after the FSM: overrides the clear at a first byte)
+            m.d.sync += ct_bad.eq(1)
 
         # ---- delivery ---------------------------------------------------------------------
         # Two cursors. `rx_next` (the delivery cursor, sent as DCUR) retires committed
@@ -688,6 +750,13 @@ class LinkEngine(wiring.Component):
                 drive("need_clr", bit=data_slot)
                 drive("sent_set", bit=data_slot)
                 m.d.sync += [tx_order[data_slot].eq(send_count), send_count.eq(send_count + 1)]
+            with m.Elif(up & ct_ready):
+                # cut-through: the ctrl message being taken in goes out as it arrives
+                m.d.comb += [ser.start.eq(1), ct_start.eq(1),
+                             ser.type_byte.eq(FrameType.DATA | FLAG_CTRL),
+                             ser.seq.eq(tx_next), ser.slot.eq(in_slot), ser.length.eq(ct_len_now)]
+                drive("sent_set", bit=in_slot)
+                m.d.sync += [tx_order[in_slot].eq(send_count), send_count.eq(send_count + 1)]
             with m.Elif(up & (cursors_dirty | probe_due | probe_reply_due | heartbeat_due) & ~ctrl_ingest):
                 # (not while a ctrl message is being taken in: its DATA frame follows at once
                 # and carries the cursors; a SIGNAL started now would delay it a whole frame)

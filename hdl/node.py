@@ -84,6 +84,8 @@ class NICNode(wiring.Component):
                 engine.link_up[p].eq(link.status.state == LinkState.UP),
                 # an engine reset inside a message must not splice it with the next one
                 link.ctrl_abort.eq(self.epoch_reset),
+                # the message length lets the link put a message on the wire as it comes
+                link.ctrl_len.eq(engine.ctrl_out_len[p]),
             ]
             wiring.connect(m, engine.ctrl_out[p], link.ctrl_in)
             wiring.connect(m, link.ctrl_out, engine.ctrl_in[p])

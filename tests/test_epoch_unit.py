@@ -766,6 +766,7 @@ def test_turnaround_child_report_to_parent_report():
             cycles += 1
             assert cycles < 100
         result["cycles"] = cycles
+        result["announced"] = ctx.get(dut.ctrl_out_len[0])
         buf = bytearray()
         while ctx.get(dut.ctrl_out[0].valid):
             buf.append(ctx.get(dut.ctrl_out[0].payload.data))
@@ -776,5 +777,6 @@ def test_turnaround_child_report_to_parent_report():
     run(dut, bench)
     assert result["msg"].epoch == 3
     assert result["len"] == 3, "epoch 3 takes one byte, COMMITTED 0 none"
+    assert result["announced"] == 3, "ctrl_out_len announces the length with the first byte"
     # RX (with the certificate), the REPORT rescan over P ports, RDONE, load: no detour through IDLE
     assert result["cycles"] <= P + 4, result["cycles"]

@@ -533,3 +533,117 @@ def test_ctrl_abort_drops_a_partial_ctrl_message():
         assert data.payload == b"\x05\x06\x07" and data.flags & FLAG_CTRL and data.seq == 0
         assert ctx.get(dut.status.tx_next) == 1
     run(bench)
+
+
+class TolerantPeer(Peer):
+    """A peer that records frames failing their FCS instead of raising."""
+
+    def __init__(self, dut, ctx):
+        super().__init__(dut, ctx)
+        self.bad_frames = 0
+
+    def _parse(self):
+        from epochlink.hdl.frame import FrameError
+        buf = self.rx_bytes
+        while len(buf) >= 5:
+            total = 5 + buf[4] + 6
+            if len(buf) < total:
+                return
+            try:
+                self.frames.append(decode(bytes(buf[:total])))
+            except FrameError:
+                self.bad_frames += 1
+            del buf[:total]
+
+
+async def push_ctrl(peer, data: bytes, hint: int, pause_at=None, pause=0):
+    """Offer a ctrl message with a length hint; optionally pause before byte ``pause_at``."""
+    ctx, dut = peer.ctx, peer.dut
+    ctx.set(dut.ctrl_len, hint)
+    for i, byte in enumerate(data):
+        if i == pause_at:
+            ctx.set(dut.ctrl_in.valid, 0)
+            await peer.tick(pause)
+        ctx.set(dut.ctrl_in.valid, 1)
+        ctx.set(dut.ctrl_in.payload, {"data": byte, "last": i == len(data) - 1})
+        while True:
+            ready = ctx.get(dut.ctrl_in.ready)
+            await peer.tick()
+            if ready:
+                break
+    ctx.set(dut.ctrl_in.valid, 0)
+    ctx.set(dut.ctrl_len, 0)
+
+
+def run_tolerant(testbench):
+    dut = LinkEngine(window=WINDOW, max_payload=MAXP, **TIMING)
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+
+    async def bench(ctx):
+        ctx.set(dut.node_id, 0x1234)
+        ctx.set(dut.payload_out.ready, 1)
+        ctx.set(dut.ctrl_out.ready, 1)
+        ctx.set(dut.phy_tx.ready, 1)
+        await testbench(dut, ctx, TolerantPeer(dut, ctx))
+    sim.add_testbench(bench)
+    sim.run()
+
+
+def test_ctrl_cut_through_with_length_hint():
+    """With ctrl_len the DATA frame starts while the message is taken in; it is intact and
+    sent once."""
+    async def bench(dut, ctx, peer):
+        await peer.bring_up()
+        await peer.tick(60)                  # past the bring-up SIGNALs
+        peer.frames.clear()
+        message = bytes(range(1, 11))
+        assert len(peer.rx_bytes) == 0
+        await push_ctrl(peer, message, len(message))
+        # the frame's header and first payload bytes were on the wire before the last byte
+        # of the message was taken in
+        assert len(peer.rx_bytes) >= 5 + 4, "no cut-through"
+        data = await peer.wait_for(lambda f: f.type == FrameType.DATA)
+        assert data.payload == message and data.flags & FLAG_CTRL and data.seq == 0
+        await peer.send_frame(Frame(FrameType.REFLECT, seq=0, payload=data.digest.to_bytes(4, "little")))
+        await peer.wait_for(lambda f: f.ccur == 1)
+        await peer.tick(50)
+        assert not [f for f in peer.frames if f.type == FrameType.DATA], "sent twice"
+        assert peer.bad_frames == 0 and peer.counter("retransmits") == 0
+    run_tolerant(bench)
+
+
+@pytest.mark.parametrize("case", ["longer", "shorter", "stalled", "aborted"])
+def test_ctrl_cut_through_mismatch_poisons_the_frame(case):
+    """A message that does not match its hint or falls behind its frame: that frame fails
+    its FCS, and the message goes out again whole (or not at all when aborted)."""
+    async def bench(dut, ctx, peer):
+        await peer.bring_up()
+        await peer.tick(60)
+        peer.frames.clear()
+        message = bytes(range(1, 9))
+        if case == "longer":
+            await push_ctrl(peer, message, len(message) - 2)
+        elif case == "shorter":
+            await push_ctrl(peer, message, len(message) + 2)
+        elif case == "stalled":
+            await push_ctrl(peer, message, len(message), pause_at=3, pause=12)
+        else:
+            ctx.set(dut.ctrl_len, len(message))
+            for byte in message[:3]:
+                ctx.set(dut.ctrl_in.valid, 1)
+                ctx.set(dut.ctrl_in.payload, {"data": byte, "last": 0})
+                await peer.tick()
+            ctx.set(dut.ctrl_in.valid, 0)
+            ctx.set(dut.ctrl_abort, 1)
+            await peer.tick()
+            ctx.set(dut.ctrl_abort, 0)
+            ctx.set(dut.ctrl_len, 0)
+        await peer.tick(80)
+        assert peer.bad_frames == 1
+        datas = [f for f in peer.frames if f.type == FrameType.DATA]
+        if case == "aborted":
+            assert datas == [] and ctx.get(dut.status.tx_next) == 0
+        else:
+            assert [d.payload for d in datas] == [message] and datas[0].seq == 0
+    run_tolerant(bench)
