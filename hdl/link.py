@@ -108,7 +108,7 @@ class _Serializer(Elaboratable):
 
         bad = Signal()              # poisoned: the FCS goes out inverted
         with m.If(self.start):
-            m.d.sync += bad.eq(0)
+            m.d.sync += bad.eq(self.poison)
         with m.Elif(self.poison):
             m.d.sync += bad.eq(1)
 
@@ -541,13 +541,20 @@ class LinkEngine(wiring.Component):
         ct_start = Signal()         # comb: the scheduler starts the cut-through frame now
         ct_poison = Signal()        # comb: poison it now
         ct_hazard = Signal()        # comb: ... because it fell behind or was aborted
+        ct_on_wire = Signal()       # the serializer is sending the cut-through frame
         ct_len_now = Mux(ct_taking0, self.ctrl_len, ct_hint)
         ct_ready = ((ct_taking0 | ct_copying) & (ct_len_now != 0) & (ct_len_now <= MAXP) &
                     ~ct_started & ~ct_bad)
         ct_live = ct_started | ct_start
         written = Mux(ct_taking0, 0, in_index)    # bytes stored before this cycle
-        m.d.comb += ser.poison.eq(ct_poison)
-        with m.If(ct_started & ser.buf_en & (ser.read_index < ct_hint) & (ser.read_index >= written)):
+        # (only the cut-through frame itself is ever poisoned)
+        m.d.comb += ser.poison.eq(ct_poison & (ct_on_wire | ct_start))
+        with m.If(ct_start):
+            m.d.sync += ct_on_wire.eq(1)
+        with m.Elif(ser.done):
+            m.d.sync += ct_on_wire.eq(0)
+        with m.If(ct_started & ct_on_wire & ser.buf_en & (ser.read_index < ct_hint) &
+                  (ser.read_index >= written)):
             m.d.comb += ct_hazard.eq(1)
         with m.If(ct_started & self.ctrl_abort):
             m.d.comb += ct_hazard.eq(1)

@@ -613,7 +613,7 @@ def test_ctrl_cut_through_with_length_hint():
     run_tolerant(bench)
 
 
-@pytest.mark.parametrize("case", ["longer", "shorter", "stalled", "aborted"])
+@pytest.mark.parametrize("case", ["longer", "one", "shorter", "stalled", "aborted"])
 def test_ctrl_cut_through_mismatch_poisons_the_frame(case):
     """A message that does not match its hint or falls behind its frame: that frame fails
     its FCS, and the message goes out again whole (or not at all when aborted)."""
@@ -624,6 +624,8 @@ def test_ctrl_cut_through_mismatch_poisons_the_frame(case):
         message = bytes(range(1, 9))
         if case == "longer":
             await push_ctrl(peer, message, len(message) - 2)
+        elif case == "one":                  # announced 1 byte: poisoned as its frame starts
+            await push_ctrl(peer, message, 1)
         elif case == "shorter":
             await push_ctrl(peer, message, len(message) + 2)
         elif case == "stalled":
