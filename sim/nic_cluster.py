@@ -28,13 +28,38 @@ port                                  dir    meaning
 ``n{i}_link_up``                      out    the core's ``link_up`` (one bit per port)
 ``e{k}_error_threshold``              in     edge ``k``'s channels (both directions), see
                                              :func:`~epochlink.hdl.channel.ber_to_threshold`
+                                             (with ``phy_divisor``: its wires, see
+                                             :func:`~epochlink.hdl.line_noise.ber_to_line_threshold`)
 ``e{k}_cut``                          in     1 cuts edge ``k`` (both directions)
+``e{k}_flips``                        out    with ``phy_divisor`` only: bit-time flips
+                                             injected on edge ``k`` (both wires, wrapping)
+``n{i}_phy_errors``                   out    with ``phy_divisor`` only: ``rx_error`` pulses
+                                             of node ``i``'s PHYs (false starts, bad stop
+                                             bits; all ports, wrapping; not reset with the
+                                             node). The core itself has no such counter: on
+                                             a board the pulses only light the fault LED.
 ``cycle``                             out    cycles since ``rst`` (64 bits)
 ===================================== ====== ===============================================
 
 Node ``i`` has ``max(1, neighbours)`` link ports in :meth:`Topology.ports` order (the parent
-first, then the children); edge ``k`` is ``Topology.edges[k]``. The cores' ``phy_error``
-inputs are tied to 0.
+first, then the children); edge ``k`` is ``Topology.edges[k]``.
+
+Two ways to wire an edge:
+
+* **Byte level** (default, ``phy_divisor=None``): one byte-wide
+  :class:`~epochlink.hdl.channel.ChannelModel` per direction between the cores' ``phy_tx``
+  and ``phy_rx`` (a byte per cycle, ``delay`` cycles of latency, one-bit errors per byte).
+  The cores' ``phy_error`` inputs are tied to 0.
+* **As two boards are wired** (``phy_divisor=N``): every core port goes through its own
+  :class:`~epochlink.hdl.serdes.SerialPHY` ``(N)`` in the node's domain (reset with the
+  node), exactly as :class:`~epochlink.boards.top.BoardTop` connects it, ``rx_error``
+  included; one PHY's ``tx_line`` drives the peer PHY's ``rx_line`` through a
+  :class:`~epochlink.hdl.line_noise.LineNoise` per direction (bit-time flips, cut = line
+  held idle high). The cores get ``phy_cycles_per_byte=11 * N`` (their link timers scale
+  with the byte time), as on a board. ``delay`` is not used: the wire adds one cycle and
+  the PHYs their own latency (about a frame, ``10 N`` cycles). Not simulated: the PLL and
+  the IO buffers (the board tops' FPGA primitives), i.e. every PHY runs on the one
+  simulation clock (same frequency, no drift).
 """
 from __future__ import annotations
 
@@ -45,6 +70,8 @@ from amaranth.lib.wiring import In, Out
 
 from ..boards.top import NICCore
 from ..hdl.channel import ChannelModel
+from ..hdl.line_noise import LineNoise
+from ..hdl.serdes import SerialPHY
 from ..hdl.uart import UARTReceiver, UARTTransmitter, uart_divisor
 from .cluster import Topology
 
@@ -80,10 +107,16 @@ class NICCluster(wiring.Component):
         uses). Part of the design: another seed is another build.
     core_args : dict
         More keyword arguments for ``core``.
+    phy_divisor : int or None
+        None (default): byte-level wires (``ChannelModel``). An integer ``N >= 3``: serial
+        PHYs at ``N`` cycles per bit and noisy serial wires (``LineNoise``, seeded like the
+        channel models), with ``phy_cycles_per_byte=11 * N`` added to ``core_args`` unless
+        given there (the factory must accept it, as :class:`NICCore` does).
     """
 
     def __init__(self, topology: Topology, *, core=NICCore, clk_hz: float = SIM_CLK_HZ,
-                 baud: int = SIM_BAUD, delay: int = 8, seed: int = 1, core_args=None):
+                 baud: int = SIM_BAUD, delay: int = 8, seed: int = 1, core_args=None,
+                 phy_divisor: int | None = None):
         if not isinstance(topology, Topology):
             raise TypeError(f"topology must be a Topology, not {topology!r}")
         if not isinstance(seed, int) or seed < 1:
@@ -94,7 +127,15 @@ class NICCluster(wiring.Component):
         self.baud = baud
         self.delay = delay
         self.seed = seed
+        if phy_divisor is not None and (isinstance(phy_divisor, bool) or
+                                        not isinstance(phy_divisor, int) or phy_divisor < 3):
+            self._MustUse__silence = True      # never built: no "created but never used"
+            raise ValueError(f"phy_divisor must be None or an integer >= 3, not {phy_divisor!r}")
+        self.phy_divisor = phy_divisor
         self.core_args = dict(core_args or {})
+        if phy_divisor is not None:
+            # A byte on the serial PHY: 10 bit times plus the resync gaps (as BoardTop).
+            self.core_args = {"phy_cycles_per_byte": 11 * phy_divisor, **self.core_args}
         self.divisor = uart_divisor(clk_hz, baud)      # raises for an unusable baud rate
         self.ports = [max(1, len(topology.ports(i))) for i in range(topology.nodes)]
         # The cores are made here, so bad parameters fail at once, not in a build.
@@ -117,6 +158,11 @@ class NICCluster(wiring.Component):
             })
         for k in range(len(topology.edges)):
             members.update({f"e{k}_error_threshold": In(32), f"e{k}_cut": In(1)})
+            if phy_divisor is not None:
+                members[f"e{k}_flips"] = Out(32)
+        if phy_divisor is not None:
+            for i in range(topology.nodes):
+                members[f"n{i}_phy_errors"] = Out(32)
         super().__init__(members)
 
     def make_core(self, i: int):
@@ -129,6 +175,7 @@ class NICCluster(wiring.Component):
         topo = self.topology
         m.d.sync += self.cycle.eq(self.cycle + 1)
         cores = []
+        phys = {}                          # (node, port) -> SerialPHY, with phy_divisor
         for i in range(topo.nodes):
             domain = f"node{i}"
             cd = ClockDomain(domain)
@@ -138,9 +185,22 @@ class NICCluster(wiring.Component):
             core = DomainRenamer(domain)(self.cores[i])
             m.submodules[f"node{i}"] = core
             cores.append(core)
-            m.d.comb += [core.phy_error.eq(0), getattr(self, f"n{i}_link_up").eq(core.link_up)]
-            if not topo.ports(i):      # a one-node cluster: the lone port has no wire
-                m.d.comb += [core.phy_tx[0].ready.eq(1), core.phy_rx[0].valid.eq(0)]
+            m.d.comb += getattr(self, f"n{i}_link_up").eq(core.link_up)
+            if self.phy_divisor is None:
+                m.d.comb += core.phy_error.eq(0)
+                if not topo.ports(i):      # a one-node cluster: the lone port has no wire
+                    m.d.comb += [core.phy_tx[0].ready.eq(1), core.phy_rx[0].valid.eq(0)]
+            else:                          # as BoardTop: one SerialPHY per port
+                for p in range(self.ports[i]):
+                    phy = DomainRenamer(domain)(SerialPHY(self.phy_divisor))
+                    m.submodules[f"node{i}_phy{p}"] = phy
+                    wiring.connect(m, core.phy_tx[p], phy.tx)
+                    wiring.connect(m, phy.rx, core.phy_rx[p])
+                    m.d.comb += core.phy_error[p].eq(phy.rx_error)
+                    phys[i, p] = phy
+                errors = getattr(self, f"n{i}_phy_errors")
+                m.d.sync += errors.eq(errors + sum(phys[i, p].rx_error
+                                                   for p in range(self.ports[i])))
 
             # Host byte bridge (sync domain: survives the node's reset).
             m.submodules[f"h{i}_in_fifo"] = in_fifo = SyncFIFOBuffered(width=8, depth=BRIDGE_DEPTH)
@@ -160,6 +220,20 @@ class NICCluster(wiring.Component):
 
         for k, (a, b) in enumerate(topo.edges):
             pa, pb = topo.port_to(a, b), topo.port_to(b, a)
+            if self.phy_divisor is not None:
+                flips = []
+                for direction, (src, sp, dst, dp) in enumerate(((a, pa, b, pb), (b, pb, a, pa))):
+                    wire = LineNoise(self.phy_divisor, seed=self.seed + 2 * k + direction)
+                    m.submodules[f"e{k}_{'down' if direction == 0 else 'up'}"] = wire
+                    m.d.comb += [
+                        wire.line_in.eq(phys[src, sp].tx_line),
+                        phys[dst, dp].rx_line.eq(wire.line_out),
+                        wire.error_threshold.eq(getattr(self, f"e{k}_error_threshold")),
+                        wire.cut.eq(getattr(self, f"e{k}_cut")),
+                    ]
+                    flips.append(wire.flips)
+                m.d.comb += getattr(self, f"e{k}_flips").eq(flips[0] + flips[1])
+                continue
             for direction, (src, sp, dst, dp) in enumerate(((a, pa, b, pb), (b, pb, a, pa))):
                 channel = ChannelModel(delay=self.delay, seed=self.seed + 2 * k + direction)
                 m.submodules[f"e{k}_{'down' if direction == 0 else 'up'}"] = channel

@@ -95,9 +95,10 @@ class SimServer:
     topology : str or Topology
         ``"line"``, ``"star"``, ``"tree"`` (binary) or any :class:`Topology`.
     ber : float
-        Initial bit error rate of every edge (both directions).
+        Initial bit error rate of every edge (both directions): per bit of a byte on the
+        byte-level channel models, per bit time of the line with ``phy_divisor``.
     delay : int
-        Wire latency in cycles.
+        Wire latency in cycles (byte-level wires only).
     seed : int
         Channel-model seed (>= 1; part of the design: each seed is its own cached build).
     core : callable or None
@@ -113,6 +114,13 @@ class SimServer:
         Server pacing (see :mod:`epochlink.sim.tb_server`); None: its defaults.
     start_timeout : float
         Seconds to wait for the simulator to listen (the build is not included).
+    phy_divisor : int or None
+        None: byte-level wires. ``N``: every edge is wired as two boards are, through serial
+        PHYs at ``N`` cycles per bit and noisy serial lines
+        (:class:`~epochlink.sim.nic_cluster.NICCluster`); ``ber``/``set_ber`` then set the
+        error rate per bit time on the wire and ``cut`` holds the lines idle. ``5`` is the
+        iCEBreaker's 48 MHz / 9.6 Mbit/s. A serial byte takes ``10 N`` cycles instead of one,
+        so everything on the links is about ``11 N`` times slower in simulated time.
 
     Use it as a context manager, or call :meth:`start` and :meth:`stop`. :meth:`stop` also
     runs at interpreter exit.
@@ -122,7 +130,7 @@ class SimServer:
                  delay: int = 8, seed: int = 1, core=None, core_args: dict | None = None,
                  port_base: int = 0, clk_hz: float = SIM_CLK_HZ, baud: int = SIM_BAUD,
                  chunk: int | None = None, idle_sleep: float | None = None,
-                 start_timeout: float = 60.0):
+                 start_timeout: float = 60.0, phy_divisor: int | None = None):
         self.topology = _topology(topology, nodes)
         if not (isinstance(ber, (int, float)) and 0 <= ber <= 1):
             raise ValueError(f"ber must be in 0..1, not {ber!r}")
@@ -136,7 +144,7 @@ class SimServer:
         self.start_timeout = start_timeout
         kwargs = {} if core is None else {"core": core}
         self.design = NICCluster(self.topology, clk_hz=clk_hz, baud=baud, delay=delay, seed=seed,
-                                 core_args=core_args, **kwargs)
+                                 core_args=core_args, phy_divisor=phy_divisor, **kwargs)
         self.build: verilator.DesignBuild | None = None
         self.proc: subprocess.Popen | None = None
         self.info: dict = {}
@@ -148,7 +156,8 @@ class SimServer:
 
     @property
     def name(self) -> str:
-        return f"nic_cluster_{self.topology.name}{self.topology.nodes}"
+        phy = "" if self.design.phy_divisor is None else f"_phy{self.design.phy_divisor}"
+        return f"nic_cluster_{self.topology.name}{self.topology.nodes}{phy}"
 
     def build_design(self) -> verilator.DesignBuild:
         """Build (or find the cached build of) the design; returns it."""
@@ -175,6 +184,7 @@ class SimServer:
             "clk_hz": self.design.clk_hz,
             "baud": self.design.baud,
             "ber": self.ber,
+            "phy_divisor": self.design.phy_divisor,
             "node_ports": [self.port_base + i if self.port_base else 0 for i in range(n)],
             "control_port": self.port_base + n if self.port_base else 0,
             "ready_file": str(ready),
@@ -359,11 +369,13 @@ class SimServer:
         return self._checked({"cmd": "reset", "node": i, "cycles": cycles}, timeout=None)
 
     def set_ber(self, ber: float, edge: int | None = None) -> dict:
-        """Bit error rate on edge ``edge`` (both directions), or on every edge."""
+        """Bit error rate on edge ``edge`` (both directions), or on every edge. With
+        ``phy_divisor``: error events per bit time on the serial wires."""
         return self._checked({"cmd": "ber", "ber": ber, "edge": edge})
 
     def cut(self, edge: int, on: bool = True) -> dict:
-        """Cut (``on``) or restore edge ``edge`` (both directions)."""
+        """Cut (``on``) or restore edge ``edge`` (both directions). With ``phy_divisor`` the
+        lines are held high (idle), as an open wire into a pulled-up input reads."""
         return self._checked({"cmd": "cut", "edge": edge, "on": on})
 
     def run_cycles(self, n: int) -> int:
@@ -398,6 +410,16 @@ def _port_base(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if value != 0 and not 1024 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"must be 0 (any free ports) or 1024..65535, not {value}")
+    return value
+
+
+def _phy_divisor(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 3:
+        raise argparse.ArgumentTypeError(f"must be at least 3 (samples per bit), not {value}")
     return value
 
 
@@ -439,6 +461,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=_positive_int, default=1, metavar="S",
                         help="seed of the bit-error generators (default: 1; another seed is "
                              "another build)")
+    parser.add_argument("--phy-divisor", type=_phy_divisor, default=None, metavar="N",
+                        help="wire the links as two boards are: a serial PHY per port at N "
+                             "cycles per bit and noisy serial lines (--ber is then per bit time "
+                             "on the wire; 5 = the iCEBreaker's 9.6 Mbit/s at 48 MHz). "
+                             "Default: byte-wide wires")
     return parser
 
 
@@ -448,12 +475,18 @@ def sim_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         server = SimServer(args.nodes, args.topology, ber=args.ber, delay=args.delay,
-                           seed=args.seed, port_base=args.port_base)
+                           seed=args.seed, port_base=args.port_base,
+                           phy_divisor=args.phy_divisor)
     except ValueError as exc:
         parser.error(str(exc))
     topology = server.topology
+    if args.phy_divisor is None:
+        wires = f"wire delay {args.delay} cycles"
+    else:
+        wires = (f"serial PHYs at {args.phy_divisor} cycles per bit "
+                 f"({server.design.clk_hz / args.phy_divisor / 1e6:g} Mbit/s), BER per bit time")
     print(f"epochlink sim: {topology.nodes} node(s), {topology.name}, BER {args.ber:g}, "
-          f"wire delay {args.delay} cycles", flush=True)
+          f"{wires}", flush=True)
     print("building the simulation (the first build of a design takes a minute or two; "
           "later runs reuse it)...", flush=True)
     # While building, Ctrl-C (or SIGTERM) interrupts at once. Once the simulator runs, the

@@ -28,20 +28,25 @@ request                                    reply / effect
                                            and the driver's retries recover.
 ``{"cmd": "ber", "ber": x, "edge": k}``    bit error rate ``x`` on edge ``k`` (both
                                            directions), or on every edge if ``edge`` is
-                                           null or absent
+                                           null or absent; with ``phy_divisor``: flips per
+                                           bit time on the serial wires
 ``{"cmd": "cut", "edge": k, "on": b}``     cut (``on`` true, the default) or restore edge
-                                           ``k`` (both directions)
+                                           ``k`` (both directions; serial wires: held high)
 ``{"cmd": "run", "cycles": N}``            replies ``cycle`` after ``N`` more cycles
 ``{"cmd": "stop"}``                        replies, then ends the test (it passes)
 ========================================== ===================================================
 
 Configuration: JSON in ``EPOCHLINK_SERVER_CONFIG`` with ``nodes``, ``edges``, ``topology``
-(name), ``clk_hz``, ``baud``, ``ber`` (initial, every edge), ``node_ports`` (one per node;
+(name), ``clk_hz``, ``baud``, ``ber`` (initial, every edge), ``phy_divisor`` (null: byte-level
+wires, thresholds from :func:`~epochlink.hdl.channel.ber_to_threshold`; ``N``: serial wires,
+:func:`~epochlink.hdl.line_noise.ber_to_line_threshold`, and each edge's ``status`` also has
+``flips``, the bit-time flips injected so far, and each node's ``phy_errors``, its PHYs'
+false starts and framing errors), ``node_ports`` (one per node;
 0 = any free port), ``control_port``, ``ready_file``; optional ``chunk`` (cycles per step
 while bytes flow, default 200), ``idle_sleep`` (seconds to wait for a socket per step while
 idle, default 0.05). When listening, the testbench writes the ready file (JSON: ``pid``, ``host``,
 ``node_ports``, ``urls``, ``control_port``, ``topology``, ``nodes``, ``edges``, ``roles``,
-``clk_hz``, ``baud``, ``divisor``) and deletes it when it ends; if it cannot listen, the
+``clk_hz``, ``baud``, ``divisor``, ``phy_divisor``) and deletes it when it ends; if it cannot listen, the
 ready file holds ``{"error": message}`` and the test fails. It also ends by itself if
 the process that started it goes away.
 
@@ -65,6 +70,7 @@ from cocotb.clock import Clock
 from cocotb.triggers import ClockCycles, RisingEdge, Timer
 
 from epochlink.hdl.channel import ber_to_threshold
+from epochlink.hdl.line_noise import ber_to_line_threshold
 from epochlink.sim.cluster import Topology
 
 CLOCK_NS = 10                 # simulated clock period as cocotb sees it (nominal)
@@ -222,6 +228,10 @@ class Server:
         self.big_chunk = max(self.chunk, 16 * 10 * self.divisor)
         self.idle_sleep = float(cfg.get("idle_sleep", 0.05))
         ports = cfg.get("node_ports") or [0] * self.n
+        self.phy_divisor = cfg.get("phy_divisor")
+        # Serial wires: the rate is per bit time on the line; byte-level channels: per bit of
+        # a byte (an event per byte flips one of its 8 bits).
+        self.threshold = ber_to_threshold if self.phy_divisor is None else ber_to_line_threshold
         self.edge_ber = [float(cfg.get("ber", 0.0))] * len(self.topology.edges)
         self.edge_cut = [False] * len(self.topology.edges)
         self.bridges = []
@@ -237,7 +247,7 @@ class Server:
             raise
         self.control_port = self.control_listener.getsockname()[1]
         for k in range(len(self.topology.edges)):
-            getattr(dut, f"e{k}_error_threshold").value = ber_to_threshold(self.edge_ber[k])
+            getattr(dut, f"e{k}_error_threshold").value = self.threshold(self.edge_ber[k])
             getattr(dut, f"e{k}_cut").value = 0
         self.cycle = 0
         self.stopping = False
@@ -262,6 +272,7 @@ class Server:
             "clk_hz": self.clk_hz,
             "baud": self.baud,
             "divisor": self.divisor,
+            "phy_divisor": self.phy_divisor,
         }
 
     def write_ready(self):
@@ -389,9 +400,15 @@ class Server:
                 "bytes_to_node": b.bytes_in,
                 "bytes_from_node": b.bytes_out,
             })
+        if self.phy_divisor is not None:
+            for node in nodes:
+                node["phy_errors"] = int(getattr(self.dut, f"n{node['node']}_phy_errors").value)
         edges = [{"edge": k, "nodes": list(e), "ber": self.edge_ber[k],
-                  "threshold": ber_to_threshold(self.edge_ber[k]), "cut": self.edge_cut[k]}
+                  "threshold": self.threshold(self.edge_ber[k]), "cut": self.edge_cut[k]}
                  for k, e in enumerate(self.topology.edges)]
+        if self.phy_divisor is not None:
+            for edge in edges:
+                edge["flips"] = int(getattr(self.dut, f"e{edge['edge']}_flips").value)
         return {"ok": True, "cmd": "status", "cycle": self.cycle_now(), "clk_hz": self.clk_hz,
                 "baud": self.baud, "nodes": nodes, "edges": edges, **echo}
 
@@ -417,7 +434,7 @@ class Server:
         if isinstance(ber, bool) or not isinstance(ber, (int, float)) or not 0 <= ber <= 1:
             raise BadRequest(f"'ber' must be a number in 0..1, not {ber!r}")
         edges = self._edge_arg(req, required=False)
-        threshold = ber_to_threshold(float(ber))
+        threshold = self.threshold(float(ber))
         for k in edges:
             self.edge_ber[k] = float(ber)
             getattr(self.dut, f"e{k}_error_threshold").value = threshold
