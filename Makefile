@@ -21,9 +21,11 @@ export ECPPACK      ?= yowasp-ecppack
 
 BOARD ?= icebreaker
 # Optional for bitstream: CORE=nic|selftest (default: the board's default), PORTS=N (default 2),
-# CLK_MHZ=f (system clock instead of the board's default), BIT_RATE=r (link line rate, bit/s).
+# CLK_MHZ=f (system clock instead of the board's default), BIT_RATE=r (link line rate, bit/s),
+# NODE_ID=n (CORE=nic: this board's node id).
 BUILD_OPTS = $(if $(CORE),--core $(CORE)) $(if $(PORTS),--ports $(PORTS)) \
-             $(if $(CLK_MHZ),--clk-mhz $(CLK_MHZ)) $(if $(BIT_RATE),--bit-rate $(BIT_RATE))
+             $(if $(CLK_MHZ),--clk-mhz $(CLK_MHZ)) $(if $(BIT_RATE),--bit-rate $(BIT_RATE)) \
+             $(if $(NODE_ID),--node-id $(NODE_ID))
 
 .PHONY: help setup demo test soak bench bitstream flash clean distclean
 
