@@ -115,10 +115,10 @@ class ICEBreakerTop(BoardTop):
         )
         m.submodules.reset_sync = ResetSynchronizer(~locked, domain="sync")
 
-    def elaborate_leds(self, m, platform, *, link_up, link_led, fault_led, any_activity,
+    def elaborate_leds(self, m, platform, *, link_up, link_led, fault_led, commit_led,
                        heartbeat):
         self.led(m, platform, "led_g", 0, link_up.all())
         self.led(m, platform, "led_r", 0, fault_led)
-        self.led(m, platform, "led_r", 1, any_activity)
+        self.led(m, platform, "led_r", 1, commit_led)
         for p in range(min(self.ports, 4)):
             self.led(m, platform, "led_g", p + 1, link_led[p])

@@ -17,6 +17,8 @@ member          direction (core's view)                  meaning
 ``link_up``     Out(ports)                              per-port link state, for LEDs
 ``activity``    Out(ports)                              per-port traffic pulses, for LEDs
 ``fault``       Out(1)                                  error pulses, for an LED
+``commit``      Out(1)                                  a pulse when COMMITTED changes, for an
+                                                        LED (0 in cores without epoch engine)
 =============== ======================================= =====================================
 
 Cores available here (:data:`CORES`; :func:`default_core` picks the default):
@@ -451,11 +453,11 @@ class BoardTop(Elaboratable):
         and add its clock constraint."""
         raise NotImplementedError
 
-    def elaborate_leds(self, m, platform, *, link_up, link_led, fault_led, any_activity,
+    def elaborate_leds(self, m, platform, *, link_up, link_led, fault_led, commit_led,
                        heartbeat):
         """Drive the board's LEDs. ``link_up``/``link_led`` have one bit per port (``link_led``
-        already blinks with traffic); ``fault_led``, ``any_activity`` and ``heartbeat``
-        (about 1 Hz) are single bits."""
+        already blinks with traffic); ``fault_led``, ``commit_led`` (lit ~0.2 s after
+        COMMITTED changes) and ``heartbeat`` (about 1 Hz) are single bits."""
         raise NotImplementedError
 
     def elaborate(self, platform):
@@ -482,32 +484,32 @@ class BoardTop(Elaboratable):
         m.d.comb += [core.uart_rx.eq(uart_rx.i), uart_tx.o.eq(core.uart_tx)]
 
         # LED presentation: a link LED is on while the link is up and blinks (~11 Hz) while
-        # bytes flow; the fault LED lights for ~0.2 s after each error.
+        # bytes flow; the fault and commit LEDs light for ~0.2 s after each error / commit.
         phase_bit = round(math.log2(self.clk_hz * 0.045))
         blink = Signal(phase_bit + 1)
         m.d.sync += blink.eq(blink + 1)
         phase = blink[-1]
         hold = 1 << round(math.log2(self.clk_hz * 0.2))
-        link_led = Signal(self.ports)
-        recent = []
-        for p in range(self.ports):
-            since = Signal(range(hold + 1), init=hold, name=f"since_activity{p}")
-            with m.If(core.activity[p]):
+
+        def recently(event, name):
+            """1 for ``hold`` cycles after each pulse of ``event``."""
+            since = Signal(range(hold + 1), init=hold, name=name)
+            with m.If(event):
                 m.d.sync += since.eq(0)
             with m.Elif(since != hold):
                 m.d.sync += since.eq(since + 1)
-            recent.append(since != hold)
-            m.d.comb += link_led[p].eq(core.link_up[p] & ~(recent[p] & phase))
-        fault_hold = Signal(range(hold + 1), init=hold)
-        with m.If(core.fault):
-            m.d.sync += fault_hold.eq(0)
-        with m.Elif(fault_hold != hold):
-            m.d.sync += fault_hold.eq(fault_hold + 1)
+            return since != hold
+
+        link_led = Signal(self.ports)
+        for p in range(self.ports):
+            busy = recently(core.activity[p], f"since_activity{p}")
+            m.d.comb += link_led[p].eq(core.link_up[p] & ~(busy & phase))
 
         heartbeat = Signal(round(math.log2(self.clk_hz * 0.5)) + 1)     # ~1 Hz
         m.d.sync += heartbeat.eq(heartbeat + 1)
 
         self.elaborate_leds(m, platform, link_up=core.link_up, link_led=link_led,
-                            fault_led=fault_hold != hold, any_activity=Cat(*recent).any(),
+                            fault_led=recently(core.fault, "since_fault"),
+                            commit_led=recently(core.commit, "since_commit"),
                             heartbeat=heartbeat[-1])
         return m

@@ -111,9 +111,10 @@ class ULX3STop(BoardTop):
         )
         m.submodules.reset_sync = ResetSynchronizer(~locked, domain="sync")
 
-    def elaborate_leds(self, m, platform, *, link_up, link_led, fault_led, any_activity,
+    def elaborate_leds(self, m, platform, *, link_up, link_led, fault_led, commit_led,
                        heartbeat):
-        for p in range(min(self.ports, 6)):
+        for p in range(min(self.ports, 5)):
             self.led(m, platform, "led", p, link_led[p])
+        self.led(m, platform, "led", 5, commit_led)
         self.led(m, platform, "led", 6, heartbeat)
         self.led(m, platform, "led", 7, fault_led)

@@ -52,6 +52,7 @@ class NICCoreSignature(wiring.Signature):
             "link_up": Out(ports),
             "activity": Out(ports),
             "fault": Out(1),
+            "commit": Out(1),
         })
 
     def __repr__(self):
@@ -185,6 +186,10 @@ class NICCore(wiring.Component):
             reg("MALFORMED").eq(epoch.malformed),
             reg("MISROUTED").eq(epoch.misrouted),
         ]
+
+        last_committed = Signal.like(epoch.committed)
+        m.d.sync += last_committed.eq(epoch.committed)
+        m.d.comb += self.commit.eq(epoch.committed != last_committed)
 
         fault = Signal(self.ports)
         for p in range(self.ports):
