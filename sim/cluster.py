@@ -28,7 +28,7 @@ from ..hdl.epoch_format import Role
 from ..hdl.link import LinkStatusSignature
 from ..hdl.node import NICNode
 
-__all__ = ["Topology", "Cluster", "wire_edge"]
+__all__ = ["Topology", "Cluster", "node_domain", "wire_edge"]
 
 
 @dataclass(frozen=True)
@@ -141,11 +141,7 @@ class Cluster(wiring.Component):
         m.d.sync += self.cycle.eq(self.cycle + 1)
         nodes = []
         for i in range(topo.nodes):
-            domain = f"node{i}"
-            cd = ClockDomain(domain)
-            m.domains += cd
-            m.d.comb += [cd.clk.eq(ClockSignal("sync")),
-                         cd.rst.eq(ResetSignal("sync") | getattr(self, f"n{i}_rst"))]
+            domain = node_domain(m, i, getattr(self, f"n{i}_rst"))
             ports = max(1, len(topo.ports(i)))
             node = DomainRenamer(domain)(NICNode(ports=ports, **self.node_args))
             m.submodules[f"node{i}"] = node
@@ -167,6 +163,16 @@ class Cluster(wiring.Component):
                       error_threshold=getattr(self, f"e{k}_error_threshold"),
                       cut=getattr(self, f"e{k}_cut"))
         return m
+
+
+def node_domain(m, i: int, reset) -> str:
+    """Add clock domain ``node{i}``: the ``sync`` clock, reset by ``sync``'s reset or ``reset``
+    (one node's own reset); returns its name."""
+    domain = f"node{i}"
+    cd = ClockDomain(domain)
+    m.domains += cd
+    m.d.comb += [cd.clk.eq(ClockSignal("sync")), cd.rst.eq(ResetSignal("sync") | reset)]
+    return domain
 
 
 def wire_edge(m, topology: Topology, k: int, nodes, *, delay: int, seed: int,

@@ -63,7 +63,7 @@ Two ways to wire an edge:
 """
 from __future__ import annotations
 
-from amaranth import ClockDomain, ClockSignal, DomainRenamer, Module, ResetSignal
+from amaranth import DomainRenamer, Module
 from amaranth.lib import stream, wiring
 from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
@@ -72,7 +72,7 @@ from ..boards.top import NICCore
 from ..hdl.line_noise import LineNoise
 from ..hdl.serdes import SerialPHY
 from ..hdl.uart import UARTReceiver, UARTTransmitter, uart_divisor
-from .cluster import Topology, wire_edge
+from .cluster import Topology, node_domain, wire_edge
 
 __all__ = ["NICCluster", "SIM_CLK_HZ", "SIM_BAUD", "BRIDGE_DEPTH"]
 
@@ -176,11 +176,7 @@ class NICCluster(wiring.Component):
         cores = []
         phys = {}                          # (node, port) -> SerialPHY, with phy_divisor
         for i in range(topo.nodes):
-            domain = f"node{i}"
-            cd = ClockDomain(domain)
-            m.domains += cd
-            m.d.comb += [cd.clk.eq(ClockSignal("sync")),
-                         cd.rst.eq(ResetSignal("sync") | getattr(self, f"n{i}_rst"))]
+            domain = node_domain(m, i, getattr(self, f"n{i}_rst"))
             core = DomainRenamer(domain)(self.cores[i])
             m.submodules[f"node{i}"] = core
             cores.append(core)
