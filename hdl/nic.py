@@ -22,12 +22,12 @@ from epochlink.registers import register_map
 from .channel import ChannelModel, LiteChannel
 from .common import phy_rx_signature, phy_tx_signature
 from .epoch_regs import EpochRegisters, command_addresses
-from .frame import LINK_COUNTERS, LinkState
+from .frame import LINK_COUNTERS, OVERHEAD_BYTES, LinkState
 from .hostlink import UARTHostLink
 from .node import NICNode
 from .regbank import RegisterBank
 
-__all__ = ["NICCoreSignature", "NICCore"]
+__all__ = ["NICCoreSignature", "NICCore", "link_timers"]
 
 
 class NICCoreSignature(wiring.Signature):
@@ -57,6 +57,24 @@ class NICCoreSignature(wiring.Signature):
 
     def __repr__(self):
         return f"NICCoreSignature({self.ports})"
+
+
+def link_timers(max_payload: int, phy_cycles_per_byte: int) -> dict:
+    """The link engine's timers for a PHY that takes ``phy_cycles_per_byte`` cycles a byte.
+
+    HELLO period, heartbeat period and retransmission timer are the engine's defaults for a
+    byte-wide PHY, stretched by the byte time. The dead-link timer is sized from what a bit
+    error can do to an idle link that is up: a flipped LEN byte makes the receiver take the
+    next ``max_payload + OVERHEAD_BYTES`` bytes as one (bad) frame, and on an idle link those
+    bytes are the heartbeats of the next ``swallowed`` periods; the heartbeat after them is
+    heard ``swallowed + 1`` periods after the last good one. The timer allows four more lost
+    heartbeats on top, so a single flipped bit never takes an idle link down.
+    """
+    frame_cycles = (max_payload + 16) * phy_cycles_per_byte
+    idle_cycles = 2 * frame_cycles
+    swallowed = -(-(max_payload + OVERHEAD_BYTES) // OVERHEAD_BYTES)
+    return dict(hello_cycles=4 * frame_cycles, idle_cycles=idle_cycles,
+                dead_cycles=(swallowed + 6) * idle_cycles, retx_cycles=4 * frame_cycles + 64)
 
 
 class NICCore(wiring.Component):
@@ -99,6 +117,7 @@ class NICCore(wiring.Component):
         bit divisor for the boards' serial PHY). The link engine's timers (HELLO, heartbeat,
         dead link, retransmission) are derived from the frame time, so they scale with it:
         timers sized for a byte per cycle would declare a 9.6 Mbit/s link dead mid-frame.
+        See :func:`link_timers`.
     link_args :
         More :class:`~epochlink.hdl.link.LinkEngine` parameters (explicit timers win).
     """
@@ -127,14 +146,11 @@ class NICCore(wiring.Component):
         self.counter_width = counter_width
         if not isinstance(phy_cycles_per_byte, int) or phy_cycles_per_byte < 1:
             raise ValueError(f"phy_cycles_per_byte must be a positive integer, not {phy_cycles_per_byte!r}")
-        # The link engine's default timers, for a PHY that moves one byte per cycle, stretched.
-        frame_cycles = (max_payload + 16) * phy_cycles_per_byte
-        timers = dict(hello_cycles=4 * frame_cycles, idle_cycles=2 * frame_cycles,
-                      dead_cycles=16 * frame_cycles + 256, retx_cycles=4 * frame_cycles + 64)
+        timers = link_timers(max_payload, phy_cycles_per_byte)
         self.phy_cycles_per_byte = phy_cycles_per_byte
         self.node_args = dict(ports=ports, domains=domains, window=window,
                               max_payload=max_payload, counter_width=counter_width,
-                              **(timers if phy_cycles_per_byte > 1 else {}), **link_args)
+                              **{**timers, **link_args})
         self.regmap = register_map(ports, domains)
         super().__init__(NICCoreSignature(ports))
 
