@@ -589,7 +589,8 @@ def render_markdown() -> str:
         "nothing), W1C (sticky bits set by hardware, writing 1 clears), RW (cmd) (a write is "
         "a command to the epoch engine, which may refuse it with REFUSED_LOWER or "
         "REFUSED_DISABLED and change nothing; reads return the engine's state). Accesses to "
-        "addresses without a register fail with BAD_ADDRESS.",
+        "addresses without a register fail with BAD_ADDRESS. Counters wrap; a build with a "
+        "narrower `counter_width` (the iCEBreaker's: 16) wraps them at 2^counter_width.",
         "",
         "## Address space",
         "",

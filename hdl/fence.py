@@ -77,19 +77,21 @@ class EpochTagger(wiring.Component):
 class EpochFence(wiring.Component):
     """Classifies tagged messages from ``i`` against ``epoch`` and applies ``mode``.
 
-    Counters (32-bit, wrapping): ``older``, ``same``, ``newer``, ``dropped``, ``malformed``.
-    Messages are buffered only by their tag (5 bytes), so the fence adds a few cycles of
-    latency and no message-sized memory.
+    Counters (``counter_width`` bits, default 32, wrapping): ``older``, ``same``, ``newer``,
+    ``dropped``, ``malformed``. Messages are buffered only by their tag (5 bytes), so the
+    fence adds a few cycles of latency and no message-sized memory.
     """
-    i: In(message_signature())
-    o: Out(message_signature())
-    epoch: In(32)
-    mode: In(2)
-    older: Out(32)
-    same: Out(32)
-    newer: Out(32)
-    dropped: Out(32)
-    malformed: Out(32)
+
+    def __init__(self, counter_width: int = 32):
+        if not 1 <= counter_width <= 32:
+            raise ValueError(f"counter_width must be 1..32, not {counter_width}")
+        super().__init__({
+            "i": In(message_signature()),
+            "o": Out(message_signature()),
+            "epoch": In(32),
+            "mode": In(2),
+            **{name: Out(counter_width) for name in ("older", "same", "newer", "dropped", "malformed")},
+        })
 
     def elaborate(self, platform):
         m = Module()

@@ -107,8 +107,9 @@ class NICCore(wiring.Component):
     ver_min, ver_max : int
         Link protocol versions this build supports (``EPOCH.SUPPORTED``).
     window, max_payload, counter_width : int
-        :class:`~epochlink.hdl.link.LinkEngine` parameters. With ``counter_width`` < 32 the
-        counter registers wrap at ``2**counter_width``.
+        :class:`~epochlink.hdl.link.LinkEngine` parameters. ``counter_width`` applies to
+        every counter (link, epoch engine, fence, host link): below 32 the counter
+        registers wrap at ``2**counter_width``.
     channel : str
         ``"full"``: a :class:`~epochlink.hdl.channel.ChannelModel` per port; ``"lite"``: a
         :class:`~epochlink.hdl.channel.LiteChannel` (for small FPGAs).
@@ -156,7 +157,8 @@ class NICCore(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        m.submodules.host = host = UARTHostLink.for_clock(self.clk_hz, self.baud)
+        m.submodules.host = host = UARTHostLink.for_clock(
+            self.clk_hz, self.baud, counter_width=self.counter_width)
         m.submodules.bank = bank = RegisterBank(self.regmap)
         m.submodules.epoch_regs = eregs = EpochRegisters(self.regmap)
         m.submodules.node = node = NICNode(**self.node_args)

@@ -95,7 +95,7 @@ class NICNode(wiring.Component):
             forward_status(m, link.status, self.link[p])
 
             m.submodules[f"tagger{p}"] = tagger = EpochTagger()
-            m.submodules[f"fence{p}"] = fence = EpochFence()
+            m.submodules[f"fence{p}"] = fence = EpochFence(self.link_args["counter_width"])
             m.d.comb += [tagger.epoch.eq(engine.status.committed), tagger.version.eq(engine.status.active),
                          fence.epoch.eq(engine.status.committed), fence.mode.eq(self.fence_mode),
                          self.fence_older[p].eq(fence.older), self.fence_newer[p].eq(fence.newer),
