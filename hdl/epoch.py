@@ -23,6 +23,7 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from .common import message_signature
+from .link import ctrl_out_signature
 from .epoch_format import (CMD_VALUE_BITS, COMMITTED_CODE_SHIFT, EPOCH_CODE_SHIFT, FLAG_SOLICIT,
                            MSG_LEN, RESERVED_BIT, TYPE_MASK, VERSION_BITS, CmdStatus,
                            MsgType, Op, Role)
@@ -126,12 +127,18 @@ class EpochEngine(wiring.Component):
         so ``rsp`` must be taken promptly. LOCAL and REPORT on ``status`` follow a command
         once the engine has rescanned (about D + P + 4 cycles after the last command).
     rsp : Out(stream.Signature(EpochResponse))
-    ctrl_in, ctrl_out : arrays of P :func:`~epochlink.hdl.common.message_signature` streams
-        To and from the link engine of each port (its ``ctrl_out``/``ctrl_in``). Received
-        messages are taken one at a time, whole: a source must not pause inside a message
-        while its link is up (a link engine never does).
+    ctrl_in : array of P :func:`~epochlink.hdl.link.ctrl_out_signature` streams
+        From the link engine of each port (its ``ctrl_out``). Received messages are taken one
+        at a time; a message is applied only at its last byte (the link offers it once the
+        frame has passed its checks), and a ``drop`` transfer withdraws the bytes taken so far:
+        nothing of such a message is applied. The engine waits in a message while its source
+        pauses (a link engine only pauses inside a frame that is still arriving).
+    ctrl_out : array of P :func:`~epochlink.hdl.common.message_signature` streams
+        To the link engine of each port (its ``ctrl_in``).
     ctrl_out_len : array of P outputs
-        The length of the message on ``ctrl_out[p]`` (for the link's cut-through).
+        The length of the message on ``ctrl_out[p]`` (for the link's cut-through); while no
+        message is offered, nonzero announces one being worked out for that port (the link
+        then keeps its serializer free for it).
     link_up : array of P inputs
         1 while the port's link is UP. Messages start only while it is 1; a rising edge
         resends the port's state; a message that stops arriving while it is 0 is dropped.
@@ -179,7 +186,7 @@ class EpochEngine(wiring.Component):
         super().__init__({
             "cmd": In(stream.Signature(EpochCommand)),
             "rsp": Out(stream.Signature(EpochResponse)),
-            "ctrl_in": In(message_signature()).array(ports),
+            "ctrl_in": In(ctrl_out_signature()).array(ports),
             "ctrl_out": Out(message_signature()).array(ports),
             "ctrl_out_len": Out(8).array(ports),
             "link_up": In(1).array(ports),
@@ -269,6 +276,7 @@ class EpochEngine(wiring.Component):
         m_ver = Signal(8)
         rx_valid = Cat(s.valid for s in self.ctrl_in)
         rx_last = Cat(s.payload.last for s in self.ctrl_in).bit_select(idx, 1)
+        rx_drop = Cat(s.payload.drop for s in self.ctrl_in).bit_select(idx, 1)
         byte = Array(s.payload.data for s in self.ctrl_in)[idx]
 
         def field_bytes(code):
@@ -296,7 +304,34 @@ class EpochEngine(wiring.Component):
 
         m.d.comb += [wr.addr.eq(c.index), wr.data.eq(c.value), rd.addr.eq(c.index)]
 
-        with m.FSM():
+        # A child's REPORT is taken fast: while its bytes arrive (its link streams them before
+        # the frame's FCS is checked and offers the last byte only once the frame is accepted)
+        # the engine works out, in scratch registers only, what the REPORT becomes with it:
+        # ``pre`` steps through a scan of LOCAL and the other CHILD ports, the merge of the new
+        # report, the floor (last REPORT sent) and, at the root, the comparisons for COMMITTED.
+        # Nothing is applied before the last byte; at the last byte everything is applied in
+        # one cycle. A withdrawn message (``drop``) leaves nothing behind.
+        PRE_SCAN, PRE_MERGE, PRE_FOLD, PRE_FLOOR, PRE_ROOT, PRE_CERT, PRE_DONE = range(7)
+        pre = Signal(range(7))
+        fast = Signal()             # the message in RECV is a child's REPORT taken fast
+        sidx = Signal(range(P))     # pre-scan position
+        s_merged = Signal(W)        # the port's report with this message merged (a max)
+        s_report = Signal(W)        # the new REPORT (never below the last one sent)
+        r_ge = Signal()             # REPORT (before the floor) >= COMMITTED
+        a_ge_m = Signal()           # REPORT (before the floor) >= the message's COMMITTED
+        sidx_rep = Array(child_rep)[sidx]
+        sidx_ver = Array(child_ver)[sidx]
+        # In the cycle a message is applied (``now``) the ports load their messages with the
+        # state it produces (``n_*``: the registers' next values), not a cycle later.
+        now = Signal()
+        n_report, n_committed = Signal(W), Signal(W)
+        n_report_valid = Signal()
+        n_ver_report, n_ver_conv = Signal(V), Signal(V)
+        n_heard = Signal(P)
+        m.d.comb += [n_report.eq(report), n_committed.eq(committed), n_report_valid.eq(report_valid),
+                     n_ver_report.eq(ver_report), n_ver_conv.eq(ver_conv), n_heard.eq(heard)]
+
+        with m.FSM() as fsm:
             with m.State("IDLE"):
                 # Scans before messages: a REPORT goes out before the next message is taken.
                 with m.If(self.cmd.valid):
@@ -328,8 +363,15 @@ class EpochEngine(wiring.Component):
                         rx_clen.eq(field_bytes(first_byte[COMMITTED_CODE_SHIFT:COMMITTED_CODE_SHIFT + 2])),
                         m_epoch.eq(0), m_com.eq(0),
                         rx_solicit.eq(first_byte[7]),
+                        # a child's REPORT (LOCAL up to date): pre-compute the new REPORT
+                        fast.eq(((first_byte & TYPE_MASK) == MsgType.REPORT) &
+                                (Array(role)[first] == Role.CHILD) & ~need_local),
+                        pre.eq(PRE_SCAN), sidx.eq(0),
+                        acc.eq(local), acc_ok.eq(local_valid), vacc.eq(active),
                     ]
-                    with m.If(Cat(s.payload.last for s in self.ctrl_in).bit_select(first, 1)):
+                    with m.If(Cat(s.payload.drop for s in self.ctrl_in).bit_select(first, 1)):
+                        pass    # a message withdrawn by its link (none of it was taken here)
+                    with m.Elif(Cat(s.payload.last for s in self.ctrl_in).bit_select(first, 1)):
                         m.d.sync += malformed.eq(malformed + 1)   # a 1-byte message
                     with m.Else():
                         m.next = "RECV"
@@ -442,11 +484,59 @@ class EpochEngine(wiring.Component):
 
             # -- receive one message from port ``idx`` -----------------------------------
             with m.State("RECV"):
+                ver_at = rx_elen + rx_clen + 1
+                # (the last byte of a child's REPORT waits until the pre-computation is done)
+                # (only a last byte where the VERSION belongs: every field is in by then)
+                last_wait = fast & rx_last & ~rx_drop & (rx_cnt == ver_at) & (pre != PRE_DONE)
                 for p in range(P):
-                    m.d.comb += self.ctrl_in[p].ready.eq(idx == p)
-                with m.If(rx_valid.bit_select(idx, 1)):
+                    m.d.comb += self.ctrl_in[p].ready.eq((idx == p) & ~last_wait)
+                # no REPORT load until it is applied: the floor must not move meanwhile
+                m.d.comb += hold.eq(fast & ~now)
+                with m.If(fast):
+                    with m.Switch(pre):
+                        with m.Case(PRE_SCAN):
+                            # REPORT of LOCAL and the other CHILD ports (as RSCAN)
+                            m.d.comb += [cmp_a.eq(acc), cmp_b.eq(sidx_rep)]
+                            with m.If(is_child.bit_select(sidx, 1) & (sidx != idx)):
+                                with m.If(~heard.bit_select(sidx, 1)):
+                                    m.d.sync += acc_ok.eq(0)
+                                with m.Else():
+                                    with m.If(~lt):
+                                        m.d.sync += acc.eq(sidx_rep)
+                                    with m.If(sidx_ver < vacc):
+                                        m.d.sync += vacc.eq(sidx_ver)
+                            m.d.sync += sidx.eq(sidx + 1)
+                            with m.If(sidx == P - 1):
+                                m.d.sync += pre.eq(PRE_MERGE)
+                        with m.Case(PRE_MERGE):
+                            # (once the EPOCH field is in) max-merge with the port's report
+                            m.d.comb += [cmp_a.eq(m_epoch), cmp_b.eq(idx_rep)]
+                            with m.If(rx_cnt > rx_elen):
+                                m.d.sync += [s_merged.eq(Mux(~heard.bit_select(idx, 1) | ~lt, m_epoch, idx_rep)),
+                                             pre.eq(PRE_FOLD)]
+                        with m.Case(PRE_FOLD):
+                            m.d.comb += [cmp_a.eq(acc), cmp_b.eq(s_merged)]
+                            with m.If(~lt):
+                                m.d.sync += acc.eq(s_merged)
+                            m.d.sync += pre.eq(PRE_FLOOR)
+                        with m.Case(PRE_FLOOR):
+                            # never below a REPORT already sent (as RDONE)
+                            m.d.comb += [cmp_a.eq(acc), cmp_b.eq(sent)]
+                            m.d.sync += [s_report.eq(Mux(lt, sent, acc)),
+                                         pre.eq(Mux(has_parent, PRE_DONE, PRE_ROOT))]
+                        with m.Case(PRE_ROOT):
+                            m.d.comb += [cmp_a.eq(acc), cmp_b.eq(committed)]
+                            m.d.sync += [r_ge.eq(~lt), pre.eq(PRE_CERT)]
+                        with m.Case(PRE_CERT):
+                            # (once the COMMITTED field is in)
+                            m.d.comb += [cmp_a.eq(acc), cmp_b.eq(m_com)]
+                            with m.If(rx_cnt > rx_elen + rx_clen):
+                                m.d.sync += [a_ge_m.eq(~lt), pre.eq(PRE_DONE)]
+                with m.If(rx_valid.bit_select(idx, 1) & rx_drop):
+                    # its frame failed: the link withdraws it (nothing of it was applied)
+                    m.next = "IDLE"
+                with m.Elif(rx_valid.bit_select(idx, 1) & ~last_wait):
                     # (the TYPE byte was taken in IDLE: rx_cnt >= 1 here)
-                    ver_at = rx_elen + rx_clen + 1
                     for k in range(4):
                         with m.If((rx_cnt == k + 1) & (k < rx_elen)):
                             m.d.sync += m_epoch[8 * k:8 * k + 8].eq(byte)
@@ -457,14 +547,60 @@ class EpochEngine(wiring.Component):
                     with m.If(rx_cnt != MSG_LEN):
                         m.d.sync += rx_cnt.eq(rx_cnt + 1)
                     with m.If(rx_last):
-                        with m.If((rx_cnt == ver_at) & ~rx_bad):
-                            m.next = "RX"
-                        with m.Else():
+                        fits = ((m_epoch | m_com) >> W) == 0 if W < 32 else Const(1)
+                        # a neighbour's COMMITTED is a certificate (own comparator)
+                        m_gt = ~(m_com < committed) & (m_com != committed)
+                        with m.If((rx_cnt != ver_at) | rx_bad):
                             m.d.sync += malformed.eq(malformed + 1)
                             m.next = "IDLE"
-                with m.Elif(~up.bit_select(idx, 1)):
-                    # The rest of the message went with the link. A link engine delivers
-                    # whole messages, but don't wait forever on anything else.
+                        with m.Elif(fast & fits):
+                            # -- a child's REPORT: apply it and the new REPORT at once --
+                            vnew = Mux(byte < vacc, byte, vacc)
+                            for p in for_port(idx):
+                                m.d.sync += [child_rep[p].eq(s_merged), heard[p].eq(1), child_ver[p].eq(byte)]
+                                m.d.comb += n_heard[p].eq(1)
+                            changed = ~report_valid | (s_report != report) | (vnew != ver_report)
+                            with m.If(online & acc_ok & changed):
+                                m.d.comb += pend_up.eq(1)
+                            m.d.comb += [now.eq(1), n_report.eq(s_report), n_report_valid.eq(acc_ok),
+                                         n_ver_report.eq(vnew)]
+                            m.d.sync += [report.eq(s_report), report_valid.eq(acc_ok), ver_report.eq(vnew),
+                                         need_report.eq(0)]
+                            # COMMITTED := max(COMMITTED, the certificate, and at the root REPORT)
+                            root = online & acc_ok & ~has_parent
+                            take_acc = root & Mux(m_gt, a_ge_m, r_ge)
+                            new_com = Mux(take_acc, acc, Mux(m_gt, m_com, committed))
+                            with m.If(new_com != committed):
+                                m.d.sync += committed.eq(new_com)
+                                m.d.comb += [pend_kids.eq(1), n_committed.eq(new_com)]
+                            with m.If(root & (ver_conv != vnew)):
+                                m.d.sync += ver_conv.eq(vnew)
+                                m.d.comb += [pend_kids.eq(1), n_ver_conv.eq(vnew)]
+                            with m.If(rx_solicit):
+                                for p in for_port(idx):
+                                    m.d.comb += pend_set[p].eq(1)
+                            m.next = "IDLE"
+                        with m.Elif(fits & (idx_role == Role.PARENT) & ~rx_report):
+                            # -- the parent's COMMIT: applied at once (as RX does) --
+                            for p in for_port(idx):
+                                m.d.sync += heard[p].eq(1)
+                                m.d.comb += n_heard[p].eq(1)
+                            m.d.comb += now.eq(1)
+                            with m.If(byte != ver_conv):
+                                m.d.sync += ver_conv.eq(byte)
+                                m.d.comb += [pend_kids.eq(1), n_ver_conv.eq(byte)]
+                            with m.If(m_gt):
+                                m.d.sync += committed.eq(m_com)
+                                m.d.comb += [pend_kids.eq(1), n_committed.eq(m_com)]
+                            with m.If(rx_solicit):
+                                for p in for_port(idx):
+                                    m.d.comb += pend_set[p].eq(1)
+                            m.next = "IDLE"
+                        with m.Else():
+                            m.next = "RX"
+                with m.Elif(~rx_valid.bit_select(idx, 1) & ~up.bit_select(idx, 1)):
+                    # The rest of the message went with the link (a link engine withdraws it
+                    # with a drop): don't wait forever on anything else.
                     m.next = "IDLE"
             with m.State("RX"):
                 # max-merge: a repeated or stale REPORT changes nothing
@@ -571,16 +707,19 @@ class EpochEngine(wiring.Component):
                 m.next = "IDLE"
 
         # ---- send: a snapshot per port, so that no message is ever torn --------------------
+        receiving = fsm.ongoing("RECV") | fsm.ongoing("RX")
+        scanning = (fsm.ongoing("LSCAN") | fsm.ongoing("RSCAN") | fsm.ongoing("RDONE") |
+                    fsm.ongoing("COMMIT"))
         pending = Signal(P)
         report_load = Signal(P)     # the parent port takes a REPORT snapshot
         with m.If(report_load.any()):
-            m.d.sync += sent.eq(report)
+            m.d.sync += sent.eq(n_report)
         def field_code(value):
             """The shortest length code for an epoch field (see epoch_format)."""
             return Mux(value == 0, 0, Mux((value >> 8) == 0, 1, Mux((value >> 16) == 0, 2, 3)))
         report_code = Signal(2)
         committed_code = Signal(2)
-        m.d.comb += [report_code.eq(field_code(report)), committed_code.eq(field_code(committed))]
+        m.d.comb += [report_code.eq(field_code(n_report)), committed_code.eq(field_code(n_committed))]
         for p in range(P):
             cout = self.ctrl_out[p]
             busy = Signal(name=f"tx_busy{p}")
@@ -601,7 +740,6 @@ class EpochEngine(wiring.Component):
                     Mux(cnt <= t_elen, epoch32.word_select((cnt - 1)[:2], 8),
                     Mux(~last, com32.word_select((cnt - 1 - t_elen)[:2], 8), t_ver)))),
                 cout.payload.last.eq(last),
-                self.ctrl_out_len[p].eq(t_elen + t_clen + 2),
             ]
             with m.If(cout.valid & cout.ready):
                 with m.If(last):
@@ -610,27 +748,37 @@ class EpochEngine(wiring.Component):
                     m.d.sync += cnt.eq(cnt + 1)
             parent = is_parent[p]
             load = Signal(name=f"tx_load{p}")
-            m.d.comb += load.eq(~busy & pending[p] & up[p] &
-                                (is_child[p] | (parent & online & report_valid & ~hold)))
+            # (a message applied this cycle that must go this way goes at once)
+            due = pending[p] | (now & ((pend_up & parent) | (pend_kids & is_child[p])))
+            m.d.comb += load.eq(~busy & due & up[p] &
+                                (is_child[p] | (parent & online & n_report_valid & ~hold)))
             with m.If(load):
                 e_code = Mux(parent, report_code, 0)
                 m.d.sync += [
                     busy.eq(1),
                     pending[p].eq(0),
                     t_type.eq(Mux(parent, MsgType.REPORT, MsgType.COMMIT) |
-                              Mux(heard[p], 0, FLAG_SOLICIT) |
+                              Mux(n_heard[p], 0, FLAG_SOLICIT) |
                               (e_code << EPOCH_CODE_SHIFT) | (committed_code << COMMITTED_CODE_SHIFT)),
                     t_elen.eq(field_bytes(e_code)),
                     t_clen.eq(field_bytes(committed_code)),
-                    t_epoch.eq(Mux(parent, report, 0)),
-                    t_com.eq(committed),
-                    t_ver.eq(Mux(parent, ver_report, ver_conv)),
+                    t_epoch.eq(Mux(parent, n_report, 0)),
+                    t_com.eq(n_committed),
+                    t_ver.eq(Mux(parent, n_ver_report, n_ver_conv)),
                 ]
                 m.d.comb += report_load[p].eq(parent)
+            # The length of the message on ctrl_out (cut-through), and before it is offered a
+            # nonzero announcement while one is being worked out for this port (a message is
+            # being received or a scan runs whose outcome goes this way): the link then keeps
+            # its serializer free for it.
+            toward = Mux(has_parent, parent, is_child[p])     # where a new REPORT's effect goes
+            expect = (load | (receiving & Mux(rx_report, toward, is_child[p])) | (scanning & toward))
+            m.d.comb += self.ctrl_out_len[p].eq(Mux(busy, t_elen + t_clen + 2, expect))
             rise = up[p] & ~up_prev[p]
             # (a load at the rising edge itself already sends the current state)
-            with m.If(pend_set[p] | (pend_kids & is_child[p]) | (pend_up & is_parent[p]) |
-                      (rise & ~load & (is_parent[p] | is_child[p]))):
+            # (a load in the cycle of `now` carries everything that cycle asks for)
+            with m.If((pend_set[p] | (pend_kids & is_child[p]) | (pend_up & is_parent[p]) |
+                       (rise & ~load & (is_parent[p] | is_child[p]))) & ~(load & now)):
                 m.d.sync += pending[p].eq(1)
             with m.If(pend_clr[p]):
                 m.d.sync += pending[p].eq(0)

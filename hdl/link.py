@@ -31,7 +31,7 @@ transfers the other committed, so both agree on which transfers happened.
 from __future__ import annotations
 
 from amaranth import *
-from amaranth.lib import wiring, crc, fifo
+from amaranth.lib import data, stream, wiring, crc, fifo
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import exact_log2
@@ -40,7 +40,7 @@ from .common import message_signature, phy_tx_signature, phy_rx_signature
 from .frame import (SYNC, FrameType, FLAG_CTRL, FLAG_PROBE, HELLO_FRESH, HELLO_PEER_SEEN,
                     HELLO_LEN, REFLECT_LEN, LINK_COUNTERS, LinkState)
 
-__all__ = ["LinkEngine", "LinkStatusSignature", "COUNTERS"]
+__all__ = ["LinkEngine", "LinkStatusSignature", "COUNTERS", "CtrlByte", "ctrl_out_signature"]
 
 COUNTERS = LINK_COUNTERS
 
@@ -63,6 +63,21 @@ class LinkStatusSignature(wiring.Signature):
         for name in COUNTERS:
             members[name] = Out(counter_width)
         super().__init__(members)
+
+
+#: One transfer on a link engine's ``ctrl_out``: a message byte, or a *drop*.
+#:
+#: A control message may be streamed while its frame is still arriving (before its FCS is
+#: checked); its last byte (``last``) is only offered once the frame has been accepted. If the
+#: frame fails instead, a transfer with ``drop`` = 1 (and ``last`` = 1, ``data`` meaningless)
+#: ends the message: the consumer discards the bytes of it taken so far. A consumer that acts
+#: on a message only at its last byte never acts on anything unchecked.
+CtrlByte = data.StructLayout({"data": 8, "last": 1, "drop": 1})
+
+
+def ctrl_out_signature():
+    """The stream of :class:`CtrlByte` from a link engine's ``ctrl_out``."""
+    return stream.Signature(CtrlByte)
 
 
 def _flag_bit(flag):
@@ -211,6 +226,8 @@ class _Deframer(Elaboratable):
         self.window_mask = (1 << slot_bits) - 1
         self.seq_now = Signal(8)         # out: SEQ of the frame being received (for lookups)
         self.seq_valid = Signal()        # out: pulse when SEQ was just received
+        self.len_valid = Signal()        # out: pulse when LEN was just received (fields latched)
+        self.len_now = Signal(8)         # out: that LEN
         self.write_allowed = Signal()    # in: sampled with seq_valid for DATA frames
         self.buf_addr = Signal(range((1 << slot_bits) * max_payload + 1))
         self.buf_data = Signal(8)
@@ -273,7 +290,7 @@ class _Deframer(Elaboratable):
                     m.next = "LEN"
             with m.State("LEN"):
                 with m.If(rx.valid):
-                    m.d.comb += fcs.valid.eq(1)
+                    m.d.comb += [fcs.valid.eq(1), self.len_valid.eq(1), self.len_now.eq(byte)]
                     m.d.sync += [self.length.eq(byte), index.eq(0)]
                     with m.If(byte > max(self._max_payload, HELLO_LEN)):
                         m.d.comb += self.framing_error.eq(1)
@@ -372,7 +389,7 @@ class LinkEngine(wiring.Component):
             "payload_in": In(message_signature()),
             "ctrl_in": In(message_signature()),
             "payload_out": Out(message_signature()),
-            "ctrl_out": Out(message_signature()),
+            "ctrl_out": Out(ctrl_out_signature()),
             "ctrl_abort": In(1),
             "ctrl_len": In(8),
             "node_id": In(16),
@@ -655,6 +672,20 @@ class LinkEngine(wiring.Component):
         e_pass = Signal()       # E passes a held payload transfer
         early_arrival = Signal()  # p2: the ctrl transfer at E is being stored right now
         skip = Signal()         # rx_next retires a ctrl transfer E has delivered
+        # Receive-side cut-through: the frame now at its LEN byte carries the next ctrl
+        # message in order (DATA, FLAG_CTRL, SEQ = E, its slot writable): stream it as it
+        # arrives (SPEC), its last byte only once the frame is accepted.
+        sp_len = Signal(8)      # its length
+        sp_stored = Signal(8)   # payload bytes of the frame stored so far
+        sp_have = Signal()
+        sp_ok = Signal()        # the frame was accepted: the last byte may go
+        sp_fail = Signal()      # it was not (or the link went down first): drop it
+        sp_any = Signal()       # a byte of it was taken
+        sp_go = Signal()
+        m.d.comb += sp_go.eq(dfr.len_valid & dfr.wrote & (dfr.type == FrameType.DATA) &
+                             dfr.flags[_flag_bit(FLAG_CTRL)] & (dfr.seq == rx_early) & up &
+                             (dfr.len_now != 0) & (dfr.len_now <= MAXP))
+        sp_ended = Signal()     # the frame's FCS verdict came (p1)
         with m.FSM(name="deliver"):
             with m.State("IDLE"):
                 with m.If(e_held & e_ctrl):
@@ -668,6 +699,11 @@ class LinkEngine(wiring.Component):
                     m.d.sync += [out_index.eq(1), st_slot.eq(e_slot), st_ctrl.eq(1), st_early.eq(1),
                                  early_moved.eq(0)]
                     m.next = "STREAM"
+                with m.Elif(sp_go):
+                    m.d.sync += [out_index.eq(0), st_slot.eq(slot_of(dfr.seq)), st_ctrl.eq(1), st_early.eq(1),
+                                 early_moved.eq(0), sp_len.eq(dfr.len_now), sp_have.eq(0), sp_ok.eq(0),
+                                 sp_fail.eq(0), sp_any.eq(0), sp_stored.eq(0), sp_ended.eq(0)]
+                    m.next = "SPEC"
                 with m.Elif(retire_ok & ~dl_ctrl):
                     m.d.comb += [rxb_r.en.eq(1), rxb_r.addr.eq(dl_slot * MAXP)]
                     m.d.sync += [out_index.eq(1), st_slot.eq(dl_slot), st_ctrl.eq(0), st_early.eq(0)]
@@ -694,6 +730,52 @@ class LinkEngine(wiring.Component):
                             with m.If(p1):
                                 m.d.sync += dl_finish.eq(1)
                         m.next = "IDLE"
+            with m.State("SPEC"):
+                # The ctrl message at E streamed while its frame arrives: byte j is read once
+                # the deframer has stored it (out_index: bytes read; sp_have: the read port
+                # holds byte out_index - 1). The last byte is offered only once the frame has
+                # been accepted (early_arrival, p2); a frame that fails, or the link going
+                # down first, ends the message with a drop (if any byte of it was taken).
+                m.d.comb += streaming.eq(1)
+                cur_last = out_index == sp_len
+                # (the last byte goes already in the p2 cycle that accepts the frame)
+                confirm = ~sp_ok & ~sp_fail & p2 & early_arrival
+                offer = sp_have & (~cur_last | sp_ok | confirm)
+                drop_now = sp_fail & ~offer
+                port = self.ctrl_out
+                m.d.comb += [port.valid.eq(offer | drop_now & sp_any),
+                             port.payload.data.eq(rxb_r.data),
+                             port.payload.last.eq(cur_last | drop_now),
+                             port.payload.drop.eq(drop_now)]
+                taken = offer & port.ready
+                with m.If(taken):
+                    m.d.sync += sp_any.eq(1)
+                with m.If(dfr.buf_we & ~sp_ended):
+                    m.d.sync += sp_stored.eq(sp_stored + 1)
+                with m.If(p1):
+                    m.d.sync += sp_ended.eq(1)
+                with m.If((~sp_have | taken) & (out_index < sp_len) & ((out_index < sp_stored) | sp_ok) &
+                          ~sp_fail):
+                    m.d.comb += [rxb_r.en.eq(1), rxb_r.addr.eq(st_slot * MAXP + out_index)]
+                    m.d.sync += [out_index.eq(out_index + 1), sp_have.eq(1)]
+                with m.Elif(taken):
+                    m.d.sync += sp_have.eq(0)
+                # the verdict: the first p2 in SPEC is this frame's
+                # (only a frame that arrives back to back: a gap in it, as on a cut wire or a
+                # slower PHY, withdraws it, so the consumer never waits long on a frame)
+                gap = ~sp_ended & ~p1 & ~dfr.phy_rx.valid
+                with m.If(~sp_ok & ~sp_fail):
+                    with m.If(p2 & early_arrival):
+                        m.d.sync += sp_ok.eq(1)
+                    with m.Elif(p2 | ~up | gap):
+                        m.d.sync += sp_fail.eq(1)
+                with m.If(taken & cur_last):
+                    m.d.comb += incr["delivered"].eq(1)
+                    with m.If(~early_moved):
+                        m.d.sync += rx_early.eq(rx_early + 1)
+                    m.next = "IDLE"
+                with m.If(drop_now & (port.ready | ~sp_any)):
+                    m.next = "IDLE"
         # E passes held payload transfers while it is not streaming one of its own.
         with m.If(e_held & ~e_ctrl & ~(streaming & st_early)):
             m.d.comb += e_pass.eq(1)
@@ -739,17 +821,40 @@ class LinkEngine(wiring.Component):
         m.d.comb += [ser.ccur.eq(tx_commit), ser.dcur.eq(rx_next),
                      ser.buf_data.eq(txb_r.data), txb_r.addr.eq(ser.buf_addr), txb_r.en.eq(ser.buf_en)]
 
+        # A ctrl source may announce a message before it offers it: `ctrl_len` != 0 while
+        # `ctrl_in.valid` is 0 (the epoch engine does while it works out a message for this
+        # port). Meanwhile no REFLECT, DATA or SIGNAL is started, so the ctrl frame finds the
+        # serializer idle; held back at most `EXPECT_CYCLES` cycles per frame started.
+        EXPECT_CYCLES = 32
+        announced = Signal()
+        hold_timer = Signal(range(EXPECT_CYCLES + 1))
+        m.d.comb += announced.eq((self.ctrl_len != 0) & ~self.ctrl_in.valid &
+                                 (hold_timer != EXPECT_CYCLES))
+        held = Signal()         # comb: the scheduler would start a frame but for `announced`
+        with m.If(ser.start):
+            m.d.sync += hold_timer.eq(0)
+        with m.Elif(held):
+            m.d.sync += hold_timer.eq(hold_timer + 1)
+
         sending_data = Signal()
         with m.If(~ser.busy & self.enable & ~p1):
             with m.If(hello_due & ~up):
                 m.d.comb += [ser.start.eq(1), ser.type_byte.eq(FrameType.HELLO),
                              ser.length.eq(HELLO_LEN), ser.small.eq(hello_fields)]
                 m.d.sync += hello_due.eq(0)
-            with m.Elif(up & reflect_q.r_rdy):
+            with m.Elif(up & ct_ready):
+                # cut-through: the ctrl message being taken in goes out as it arrives (before
+                # a REFLECT: the ctrl message is what a neighbour's epoch engine waits for)
+                m.d.comb += [ser.start.eq(1), ct_start.eq(1),
+                             ser.type_byte.eq(FrameType.DATA | FLAG_CTRL),
+                             ser.seq.eq(tx_next), ser.slot.eq(in_slot), ser.length.eq(ct_len_now)]
+                drive("sent_set", bit=in_slot)
+                m.d.sync += [tx_order[in_slot].eq(send_count), send_count.eq(send_count + 1)]
+            with m.Elif(up & reflect_q.r_rdy & ~announced):
                 m.d.comb += [ser.start.eq(1), ser.type_byte.eq(FrameType.REFLECT),
                              ser.seq.eq(reflect_q.r_data[:8]), ser.length.eq(REFLECT_LEN),
                              ser.small.eq(reflect_q.r_data[8:]), reflect_q.r_en.eq(1)]
-            with m.Elif(up & (need_send != 0)):
+            with m.Elif(up & (need_send != 0) & ~announced):
                 m.d.comb += [ser.start.eq(1), sending_data.eq(1),
                              ser.type_byte.eq(FrameType.DATA | Mux(tx_ctrl.bit_select(data_slot, 1), FLAG_CTRL, 0)),
                              ser.seq.eq(data_seq), ser.slot.eq(data_slot), ser.length.eq(tx_len[data_slot]),
@@ -757,19 +862,16 @@ class LinkEngine(wiring.Component):
                 drive("need_clr", bit=data_slot)
                 drive("sent_set", bit=data_slot)
                 m.d.sync += [tx_order[data_slot].eq(send_count), send_count.eq(send_count + 1)]
-            with m.Elif(up & ct_ready):
-                # cut-through: the ctrl message being taken in goes out as it arrives
-                m.d.comb += [ser.start.eq(1), ct_start.eq(1),
-                             ser.type_byte.eq(FrameType.DATA | FLAG_CTRL),
-                             ser.seq.eq(tx_next), ser.slot.eq(in_slot), ser.length.eq(ct_len_now)]
-                drive("sent_set", bit=in_slot)
-                m.d.sync += [tx_order[in_slot].eq(send_count), send_count.eq(send_count + 1)]
-            with m.Elif(up & (cursors_dirty | probe_due | probe_reply_due | heartbeat_due) & ~ctrl_ingest):
+            with m.Elif(up & (cursors_dirty | probe_due | probe_reply_due | heartbeat_due) & ~ctrl_ingest &
+                        ~announced):
                 # (not while a ctrl message is being taken in: its DATA frame follows at once
                 # and carries the cursors; a SIGNAL started now would delay it a whole frame)
                 m.d.comb += [ser.start.eq(1), ser.type_byte.eq(FrameType.SIGNAL | Mux(probe_due, FLAG_PROBE, 0)),
                              ser.length.eq(0)]
                 m.d.sync += [probe_due.eq(0), probe_reply_due.eq(0)]
+            with m.Elif(up & announced & (reflect_q.r_rdy | (need_send != 0) | cursors_dirty | probe_due |
+                                          probe_reply_due | heartbeat_due)):
+                m.d.comb += held.eq(1)
         with m.If(ser.start):
             m.d.comb += incr["frames_tx"].eq(1)
         # the digest of each DATA frame as sent, for checking its REFLECT

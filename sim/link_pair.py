@@ -20,7 +20,7 @@ from amaranth.lib.wiring import In, Out
 
 from ..hdl.channel import ChannelModel
 from ..hdl.common import message_signature
-from ..hdl.link import LinkEngine, LinkStatusSignature
+from ..hdl.link import LinkEngine, LinkStatusSignature, ctrl_out_signature
 from ..hdl.traffic import TrafficChecker, TrafficGenerator
 
 __all__ = ["LinkPair"]
@@ -44,7 +44,7 @@ class LinkPair(wiring.Component):
                 f"{node}_in": In(message_signature()),
                 f"{node}_out": Out(message_signature()),
                 f"{node}_ctrl_in": In(message_signature()),
-                f"{node}_ctrl_out": Out(message_signature()),
+                f"{node}_ctrl_out": Out(ctrl_out_signature()),
                 f"{node}_status": Out(LinkStatusSignature(counter_width)),
             })
         for direction in ("ab", "ba"):

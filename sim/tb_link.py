@@ -140,6 +140,7 @@ class MessageSink:
         self.rng = rng or random.Random(1)
         self.messages: list[bytes] = []
         self.current = bytearray()
+        self.drops = 0          # messages withdrawn by the link after some of their bytes
         self.ready.value = 1
         self.resetting = False
 
@@ -160,10 +161,15 @@ class MessageSink:
                 continue
             if int(self.valid.value) and int(self.ready.value):
                 word = int(self.payload.value)
-                self.current.append(word & 0xFF)
-                if word >> 8:
-                    self.messages.append(bytes(self.current))
+                if word >> 9 & 1:
+                    # drop: the message streamed so far was withdrawn (its frame failed)
+                    self.drops += 1
                     self.current = bytearray()
+                else:
+                    self.current.append(word & 0xFF)
+                    if word >> 8 & 1:
+                        self.messages.append(bytes(self.current))
+                        self.current = bytearray()
             if self.backpressure:
                 self.ready.value = int(self.rng.random() >= self.backpressure)
 

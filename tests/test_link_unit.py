@@ -130,10 +130,16 @@ class Collector:
     """Collects messages from an output stream while the peer ticks."""
     def __init__(self, ctx, port):
         self.ctx, self.port, self.messages, self.current = ctx, port, [], bytearray()
+        self.drops = 0
 
     def sample(self):
         if self.ctx.get(self.port.valid) and self.ctx.get(self.port.ready):
             p = self.ctx.get(self.port.payload)
+            if getattr(p, "drop", 0):
+                # the link withdrew the message streamed so far (its frame failed)
+                self.drops += 1
+                self.current = bytearray()
+                return
             self.current.append(p.data)
             if p.last:
                 self.messages.append(bytes(self.current))
@@ -649,3 +655,123 @@ def test_ctrl_cut_through_mismatch_poisons_the_frame(case):
         else:
             assert [d.payload for d in datas] == [message] and datas[0].seq == 0
     run_tolerant(bench)
+
+
+# ---- receive-side cut-through of ctrl messages ---------------------------------------------
+
+class TransferLog:
+    """Every transfer on ``ctrl_out`` with the cycle it was taken in (sampled each peer tick)."""
+
+    def __init__(self, peer):
+        self.peer, self.port, self.log = peer, peer.dut.ctrl_out, []
+        self.messages, self.current, self.drops = [], bytearray(), 0
+
+    def sample(self):
+        ctx = self.peer.ctx
+        if ctx.get(self.port.valid) and ctx.get(self.port.ready):
+            p = ctx.get(self.port.payload)
+            self.log.append((self.peer.cycle, p.data, p.last, p.drop))
+            if p.drop:
+                self.drops += 1
+                self.current = bytearray()
+                return
+            self.current.append(p.data)
+            if p.last:
+                self.messages.append(bytes(self.current))
+                self.current = bytearray()
+
+
+def watch_ctrl(peer):
+    log = TransferLog(peer)
+    peer.collectors.append(log)
+    return log
+
+
+def test_ctrl_streamed_as_it_arrives_last_byte_after_the_fcs():
+    """A ctrl message in order is streamed on ctrl_out while its frame arrives; its last byte
+    comes only after the frame's last FCS byte (when the frame is accepted), exactly once."""
+    async def bench(dut, ctx, peer):
+        await peer.bring_up()
+        log = watch_ctrl(peer)
+        message = b"\x05\x06\x07\x08"
+        wire = encode(Frame(FrameType.DATA, flags=FLAG_CTRL, seq=0, payload=message))
+        start = peer.cycle
+        await peer.send(wire)
+        end = peer.cycle              # the cycle after the last FCS byte was on phy_rx
+        await peer.tick(30)
+        assert log.messages == [message] and log.drops == 0
+        firsts = [c for c, _, last, _ in log.log if not last]
+        last_at = [c for c, _, last, _ in log.log if last]
+        # the first bytes went out before the frame was complete (cut-through) ...
+        assert firsts and max(firsts) < end, (start, end, log.log)
+        # ... the last one only once the FCS had been checked
+        assert last_at[0] > end, (end, log.log)
+        assert peer.counter("delivered") == 1
+        # a repeat (its REFLECT lost) is not delivered again, nor streamed
+        await peer.send(wire)
+        await peer.tick(30)
+        assert log.messages == [message] and log.drops == 0 and len(log.log) == len(message)
+    run(bench)
+
+
+@pytest.mark.parametrize("where", ["fcs_last", "fcs_first", "payload_last", "payload_first", "dcur",
+                                   "seq", "len_short"])
+def test_ctrl_stream_of_a_corrupt_frame_is_withdrawn(where):
+    """A ctrl frame that fails (a bit error anywhere, found only at its FCS): the bytes streamed
+    from it are withdrawn with a drop, its last byte never goes out, nothing is delivered; the
+    intact retransmission is delivered once."""
+    async def bench(dut, ctx, peer):
+        await peer.bring_up()
+        log = watch_ctrl(peer)
+        message = b"\x05\x06\x07\x08\x09"
+        good = encode(Frame(FrameType.DATA, flags=FLAG_CTRL, seq=0, payload=message, ccur=0, dcur=0))
+        n = len(good)
+        index = {"fcs_last": n - 1, "fcs_first": n - 4, "payload_last": 4 + len(message),
+                 "payload_first": 5, "dcur": n - 5, "seq": 3}.get(where)
+        bad = bytearray(good)
+        if where == "len_short":
+            bad[4] = len(message) - 1       # a shorter frame: its "FCS" is the wrong bytes
+        else:
+            bad[index] ^= 0x10
+        await peer.send(bytes(bad))
+        await peer.tick(40)
+        assert log.messages == [], log.log
+        assert peer.counter("crc_errors") == 1 and peer.counter("delivered") == 0
+        if where not in ("seq",):            # (a SEQ out of order is never streamed)
+            assert log.drops == 1 and not any(last and not drop for _, _, last, drop in log.log)
+        await peer.send(good)
+        await peer.tick(40)
+        assert log.messages == [message] and peer.counter("delivered") == 1
+    run(bench)
+
+
+def test_ctrl_stream_withdrawn_on_a_gap_then_delivered_whole():
+    """A frame whose bytes stop coming (a cut wire, a slow PHY) is not streamed on: its stream
+    is withdrawn, and the frame, once it has arrived intact, is delivered whole from the
+    receive buffer."""
+    async def bench(dut, ctx, peer):
+        await peer.bring_up()
+        log = watch_ctrl(peer)
+        message = b"\x05\x06\x07\x08"
+        wire = encode(Frame(FrameType.DATA, flags=FLAG_CTRL, seq=0, payload=message))
+        await peer.send(wire[:7])            # header and two payload bytes
+        await peer.tick(3)                   # the wire pauses
+        await peer.send(wire[7:])
+        await peer.tick(30)
+        assert log.drops == 1 and log.messages == [message], log.log
+        assert peer.counter("delivered") == 1 and peer.counter("crc_errors") == 0
+    run(bench)
+
+
+def test_ctrl_stream_withdrawn_when_the_link_goes_down():
+    """A frame cut short for good: the link goes down (dead timer) and withdraws the stream;
+    nothing is delivered."""
+    async def bench(dut, ctx, peer):
+        await peer.bring_up()
+        log = watch_ctrl(peer)
+        wire = encode(Frame(FrameType.DATA, flags=FLAG_CTRL, seq=0, payload=b"\x05\x06\x07\x08"))
+        await peer.send(wire[:8])
+        await peer.tick(TIMING["dead_cycles"] + 20)
+        assert peer.state() != LinkState.UP
+        assert log.drops == 1 and log.messages == [] and peer.counter("delivered") == 0
+    run(bench)
