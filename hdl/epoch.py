@@ -296,6 +296,20 @@ class EpochEngine(wiring.Component):
                 m.d.sync += refused.eq(refused + 1)
             m.next = "RESP"
 
+        def scan_step(port, rep, ver, also=Const(1)):
+            """One step of the REPORT scan: fold CHILD ``port``'s report into ``acc`` (min)
+            and its version into ``vacc``; a CHILD that has not reported yet makes the scan
+            invalid (``acc_ok``)."""
+            m.d.comb += [cmp_a.eq(acc), cmp_b.eq(rep)]
+            with m.If(is_child.bit_select(port, 1) & also):
+                with m.If(~heard.bit_select(port, 1)):
+                    m.d.sync += acc_ok.eq(0)
+                with m.Else():
+                    with m.If(~lt):
+                        m.d.sync += acc.eq(rep)
+                    with m.If(ver < vacc):
+                        m.d.sync += vacc.eq(ver)
+
         def for_port(index, *, domains=False):
             """Decode ``index`` for per-port (per-domain) assignments."""
             for i in range(D if domains else P):
@@ -496,15 +510,7 @@ class EpochEngine(wiring.Component):
                     with m.Switch(pre):
                         with m.Case(PRE_SCAN):
                             # REPORT of LOCAL and the other CHILD ports (as RSCAN)
-                            m.d.comb += [cmp_a.eq(acc), cmp_b.eq(sidx_rep)]
-                            with m.If(is_child.bit_select(sidx, 1) & (sidx != idx)):
-                                with m.If(~heard.bit_select(sidx, 1)):
-                                    m.d.sync += acc_ok.eq(0)
-                                with m.Else():
-                                    with m.If(~lt):
-                                        m.d.sync += acc.eq(sidx_rep)
-                                    with m.If(sidx_ver < vacc):
-                                        m.d.sync += vacc.eq(sidx_ver)
+                            scan_step(sidx, sidx_rep, sidx_ver, also=sidx != idx)
                             m.d.sync += sidx.eq(sidx + 1)
                             with m.If(sidx == P - 1):
                                 m.d.sync += pre.eq(PRE_MERGE)
@@ -669,15 +675,7 @@ class EpochEngine(wiring.Component):
 
             # -- REPORT = min(LOCAL, reports of CHILD ports) -------------------------------
             with m.State("RSCAN"):
-                m.d.comb += [cmp_a.eq(acc), cmp_b.eq(idx_rep)]
-                with m.If(is_child.bit_select(idx, 1)):
-                    with m.If(~heard.bit_select(idx, 1)):
-                        m.d.sync += acc_ok.eq(0)
-                    with m.Else():
-                        with m.If(~lt):
-                            m.d.sync += acc.eq(idx_rep)
-                        with m.If(idx_ver < vacc):
-                            m.d.sync += vacc.eq(idx_ver)
+                scan_step(idx, idx_rep, idx_ver)
                 m.d.sync += idx.eq(idx + 1)
                 with m.If(idx == P - 1):
                     m.next = "RDONE"

@@ -659,26 +659,20 @@ def test_ctrl_cut_through_mismatch_poisons_the_frame(case):
 
 # ---- receive-side cut-through of ctrl messages ---------------------------------------------
 
-class TransferLog:
-    """Every transfer on ``ctrl_out`` with the cycle it was taken in (sampled each peer tick)."""
+class TransferLog(Collector):
+    """A :class:`Collector` of ``ctrl_out`` that also logs every transfer with the cycle it
+    was taken in (sampled each peer tick)."""
 
     def __init__(self, peer):
-        self.peer, self.port, self.log = peer, peer.dut.ctrl_out, []
-        self.messages, self.current, self.drops = [], bytearray(), 0
+        super().__init__(peer.ctx, peer.dut.ctrl_out)
+        self.peer, self.log = peer, []
 
     def sample(self):
-        ctx = self.peer.ctx
+        ctx = self.ctx
         if ctx.get(self.port.valid) and ctx.get(self.port.ready):
             p = ctx.get(self.port.payload)
             self.log.append((self.peer.cycle, p.data, p.last, p.drop))
-            if p.drop:
-                self.drops += 1
-                self.current = bytearray()
-                return
-            self.current.append(p.data)
-            if p.last:
-                self.messages.append(bytes(self.current))
-                self.current = bytearray()
+        super().sample()
 
 
 def watch_ctrl(peer):
