@@ -139,15 +139,16 @@ def link_table(data: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
-EPOCH_POINTS = (("line", 2), ("line", 4), ("tree", 4), ("line", 8), ("tree", 8), ("line", 16), ("tree", 16))
+EPOCH_POINTS = (("line", 2), ("line", 4), ("tree", 4), ("line", 8), ("tree", 8), ("line", 16), ("tree", 16),
+                ("tree", 32), ("line", 32))
 CONVERGENCE_GOAL = (1.25, 64)   # cycles <= 1.25 x floor + 64
 
 
-def bench_epoch(cycles: int) -> dict:
+def bench_epoch(cycles: int, points_to_run=EPOCH_POINTS) -> dict:
     from .sim.cluster import Cluster, Topology
 
     points = []
-    for shape, nodes in EPOCH_POINTS:
+    for shape, nodes in points_to_run:
         topology = Topology.named(shape, nodes)
         design = verilator.build(f"cluster_{topology.name}{nodes}", Cluster(topology, domains=4))
         result = BENCH_DIR / "runs" / f"epoch-{shape}{nodes}.json"
