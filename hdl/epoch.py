@@ -310,6 +310,14 @@ class EpochEngine(wiring.Component):
                     with m.If(ver < vacc):
                         m.d.sync += vacc.eq(ver)
 
+        def adopt(reg, next_value, value, when):
+            """In the cycle a fast-path message is applied: take ``value`` into ``reg`` if
+            ``when``, show it on ``next_value`` (the ports load from it in this same cycle)
+            and have the CHILD ports told."""
+            with m.If(when):
+                m.d.sync += reg.eq(value)
+                m.d.comb += [pend_kids.eq(1), next_value.eq(value)]
+
         def for_port(index, *, domains=False):
             """Decode ``index`` for per-port (per-domain) assignments."""
             for i in range(D if domains else P):
@@ -576,12 +584,8 @@ class EpochEngine(wiring.Component):
                             root = online & acc_ok & ~has_parent
                             take_acc = root & Mux(m_gt, a_ge_m, r_ge)
                             new_com = Mux(take_acc, acc, Mux(m_gt, m_com, committed))
-                            with m.If(new_com != committed):
-                                m.d.sync += committed.eq(new_com)
-                                m.d.comb += [pend_kids.eq(1), n_committed.eq(new_com)]
-                            with m.If(root & (ver_conv != vnew)):
-                                m.d.sync += ver_conv.eq(vnew)
-                                m.d.comb += [pend_kids.eq(1), n_ver_conv.eq(vnew)]
+                            adopt(committed, n_committed, new_com, new_com != committed)
+                            adopt(ver_conv, n_ver_conv, vnew, root & (ver_conv != vnew))
                             with m.If(rx_solicit):
                                 for p in for_port(idx):
                                     m.d.comb += pend_set[p].eq(1)
@@ -592,12 +596,8 @@ class EpochEngine(wiring.Component):
                                 m.d.sync += heard[p].eq(1)
                                 m.d.comb += n_heard[p].eq(1)
                             m.d.comb += now.eq(1)
-                            with m.If(byte != ver_conv):
-                                m.d.sync += ver_conv.eq(byte)
-                                m.d.comb += [pend_kids.eq(1), n_ver_conv.eq(byte)]
-                            with m.If(m_gt):
-                                m.d.sync += committed.eq(m_com)
-                                m.d.comb += [pend_kids.eq(1), n_committed.eq(m_com)]
+                            adopt(ver_conv, n_ver_conv, byte, byte != ver_conv)
+                            adopt(committed, n_committed, m_com, m_gt)
                             with m.If(rx_solicit):
                                 for p in for_port(idx):
                                     m.d.comb += pend_set[p].eq(1)
