@@ -425,8 +425,10 @@ class BoardTop(Elaboratable):
         self.bit_rate = self.clk_hz / self.divisor
         if self.core_name == "nic":
             # A byte on the serial PHY: 10 bit times plus the resync gaps (< 1 bit per byte).
-            core_args = {**self.nic_args, "phy_cycles_per_byte": 11 * self.divisor,
-                         **(core_args or {})}
+            # At that byte time the epoch engine's cut-through saves nothing worth its longer
+            # critical path (a few cycles a hop against hundreds a message).
+            core_args = {"cut_through": False, **self.nic_args,
+                         "phy_cycles_per_byte": 11 * self.divisor, **(core_args or {})}
         self.core = factory(ports=ports, clk_hz=self.clk_hz, **(core_args or {}))
         self.phys = [SerialPHY(self.divisor) for _ in range(ports)]
 

@@ -103,6 +103,15 @@ class EpochEngine(wiring.Component):
         does not fit is malformed, a command value that does not fit is ILLEGAL.
     counter_width : int
         Width of the ``refused``, ``malformed`` and ``misrouted`` counters (wrapping).
+    cut_through : bool
+        True (default): a child's REPORT is worked out while its bytes arrive and, like the
+        parent's COMMIT, applied in the cycle of its last byte, with the ports loading their
+        next messages in that same cycle. That saves about P + 4 cycles per hop, which
+        matters on byte-wide links, but puts the link's frame verdict, the apply and the
+        next message's load in one combinational path. False: every message is applied one
+        cycle after its last byte (state RX) and REPORT rescanned as after a command; a
+        shorter critical path and less logic, for links whose frame time dwarfs the saving
+        (a serial PHY: a 10-byte message takes 110 bit times). Same protocol either way.
 
     Attributes
     ----------
@@ -172,7 +181,7 @@ class EpochEngine(wiring.Component):
     PARENT port OFF makes the node the root of its own subtree.
     """
 
-    def __init__(self, *, domains=8, ports=2, epoch_width=32, counter_width=32):
+    def __init__(self, *, domains=8, ports=2, epoch_width=32, counter_width=32, cut_through=True):
         if not 1 <= domains <= 256:
             raise ValueError(f"domains must be 1..256, not {domains}")
         if not 1 <= ports <= 16:
@@ -183,6 +192,7 @@ class EpochEngine(wiring.Component):
         self.ports = ports
         self.epoch_width = epoch_width
         self.counter_width = counter_width
+        self.cut_through = bool(cut_through)
         super().__init__({
             "cmd": In(stream.Signature(EpochCommand)),
             "rsp": Out(stream.Signature(EpochResponse)),
@@ -387,7 +397,8 @@ class EpochEngine(wiring.Component):
                         rx_solicit.eq(first_byte[7]),
                         # a child's REPORT (LOCAL up to date): pre-compute the new REPORT
                         fast.eq(((first_byte & TYPE_MASK) == MsgType.REPORT) &
-                                (Array(role)[first] == Role.CHILD) & ~need_local),
+                                (Array(role)[first] == Role.CHILD) & ~need_local &
+                                self.cut_through),
                         pre.eq(PRE_SCAN), sidx.eq(0),
                         acc.eq(local), acc_ok.eq(local_valid), vacc.eq(active),
                     ]
@@ -514,7 +525,7 @@ class EpochEngine(wiring.Component):
                     m.d.comb += self.ctrl_in[p].ready.eq((idx == p) & ~last_wait)
                 # no REPORT load until it is applied: the floor must not move meanwhile
                 m.d.comb += hold.eq(fast & ~now)
-                with m.If(fast):
+                with m.If(fast & self.cut_through):
                     with m.Switch(pre):
                         with m.Case(PRE_SCAN):
                             # REPORT of LOCAL and the other CHILD ports (as RSCAN)
@@ -590,7 +601,8 @@ class EpochEngine(wiring.Component):
                                 for p in for_port(idx):
                                     m.d.comb += pend_set[p].eq(1)
                             m.next = "IDLE"
-                        with m.Elif(fits & (idx_role == Role.PARENT) & ~rx_report):
+                        with m.Elif(fits & (idx_role == Role.PARENT) & ~rx_report &
+                                    self.cut_through):
                             # -- the parent's COMMIT: applied at once (as RX does) --
                             for p in for_port(idx):
                                 m.d.sync += heard[p].eq(1)

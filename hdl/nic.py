@@ -119,13 +119,17 @@ class NICCore(wiring.Component):
         dead link, retransmission) are derived from the frame time, so they scale with it:
         timers sized for a byte per cycle would declare a 9.6 Mbit/s link dead mid-frame.
         See :func:`link_timers`.
+    cut_through : bool
+        The epoch engine's ``cut_through`` (:class:`~epochlink.hdl.epoch.EpochEngine`): apply
+        an epoch message in the cycle its frame is accepted. Worth its longer critical path
+        on byte-wide links; the boards' serial PHYs build without it.
     link_args :
         More :class:`~epochlink.hdl.link.LinkEngine` parameters (explicit timers win).
     """
 
     def __init__(self, *, ports, clk_hz, baud=None, node_id=1, domains=8, ver_min=1, ver_max=1,
                  window=8, max_payload=64, counter_width=32, channel="full",
-                 phy_cycles_per_byte=1, **link_args):
+                 phy_cycles_per_byte=1, cut_through=True, **link_args):
         from epochlink.host.transport import DEFAULT_BAUDRATE
         from epochlink.registers import MAX_PORTS
 
@@ -151,6 +155,7 @@ class NICCore(wiring.Component):
         self.phy_cycles_per_byte = phy_cycles_per_byte
         self.node_args = dict(ports=ports, domains=domains, window=window,
                               max_payload=max_payload, counter_width=counter_width,
+                              cut_through=cut_through,
                               **{**timers, **link_args})
         self.regmap = register_map(ports, domains)
         super().__init__(NICCoreSignature(ports))

@@ -42,12 +42,13 @@ class NICNode(wiring.Component):
     epoch : epoch engine status; link : per-port link status; fence counters per port.
     """
 
-    def __init__(self, *, ports=2, domains=8, epoch_width=32, counter_width=32, **link_args):
+    def __init__(self, *, ports=2, domains=8, epoch_width=32, counter_width=32, cut_through=True,
+                 **link_args):
         self.ports = ports
         self.domains = domains
         self.link_args = dict(link_args, counter_width=counter_width)
         self.epoch_args = dict(domains=domains, ports=ports, epoch_width=epoch_width,
-                               counter_width=counter_width)
+                               counter_width=counter_width, cut_through=cut_through)
         super().__init__({
             "cmd": In(stream.Signature(EpochCommand)),
             "rsp": Out(stream.Signature(EpochResponse)),

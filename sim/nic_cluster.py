@@ -56,7 +56,7 @@ Two ways to wire an edge:
   included; one PHY's ``tx_line`` drives the peer PHY's ``rx_line`` through a
   :class:`~epochlink.hdl.line_noise.LineNoise` per direction (bit-time flips, cut = line
   held idle high). The cores get ``phy_cycles_per_byte=11 * N`` (their link timers scale
-  with the byte time), as on a board. ``delay`` is not used: the wire adds one cycle and
+  with the byte time) and ``cut_through=False``, as on a board. ``delay`` is not used: the wire adds one cycle and
   the PHYs their own latency (about a frame, ``10 N`` cycles). Not simulated: the PLL and
   the IO buffers (the board tops' FPGA primitives), i.e. every PHY runs on the one
   simulation clock (same frequency, no drift).
@@ -109,8 +109,9 @@ class NICCluster(wiring.Component):
     phy_divisor : int or None
         None (default): byte-level wires (``ChannelModel``). An integer ``N >= 3``: serial
         PHYs at ``N`` cycles per bit and noisy serial wires (``LineNoise``, seeded like the
-        channel models), with ``phy_cycles_per_byte=11 * N`` added to ``core_args`` unless
-        given there (the factory must accept it, as :class:`NICCore` does).
+        channel models), with ``phy_cycles_per_byte=11 * N`` and ``cut_through=False``
+        added to ``core_args`` unless given there (the factory must accept them, as
+        :class:`NICCore` does).
     """
 
     def __init__(self, topology: Topology, *, core=NICCore, clk_hz: float = SIM_CLK_HZ,
@@ -133,8 +134,10 @@ class NICCluster(wiring.Component):
         self.phy_divisor = phy_divisor
         self.core_args = dict(core_args or {})
         if phy_divisor is not None:
-            # A byte on the serial PHY: 10 bit times plus the resync gaps (as BoardTop).
-            self.core_args = {"phy_cycles_per_byte": 11 * phy_divisor, **self.core_args}
+            # A byte on the serial PHY: 10 bit times plus the resync gaps, and no epoch
+            # cut-through (as BoardTop builds the core).
+            self.core_args = {"phy_cycles_per_byte": 11 * phy_divisor, "cut_through": False,
+                              **self.core_args}
         self.divisor = uart_divisor(clk_hz, baud)      # raises for an unusable baud rate
         self.ports = [max(1, len(topology.ports(i))) for i in range(topology.nodes)]
         # The cores are made here, so bad parameters fail at once, not in a build.
