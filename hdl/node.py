@@ -40,12 +40,19 @@ class NICNode(wiring.Component):
     fence_mode : :class:`~epochlink.hdl.fence.FenceMode` for every port.
     epoch_reset : resets the epoch engine alone (as at power-up); the links stay up.
     epoch : epoch engine status; link : per-port link status; fence counters per port.
+
+    ``cut_through`` (default True) builds the epoch engine with its cut-through
+    (:class:`~epochlink.hdl.epoch.EpochEngine`) and gives each link the length of the
+    engine's outgoing message, so its DATA frame starts as the message is taken in. False:
+    store and forward on both sides (less logic, shorter paths; for serial PHYs, whose byte
+    time dwarfs the few cycles saved).
     """
 
     def __init__(self, *, ports=2, domains=8, epoch_width=32, counter_width=32, cut_through=True,
                  **link_args):
         self.ports = ports
         self.domains = domains
+        self.cut_through = cut_through
         self.link_args = dict(link_args, counter_width=counter_width)
         self.epoch_args = dict(domains=domains, ports=ports, epoch_width=epoch_width,
                                counter_width=counter_width, cut_through=cut_through)
@@ -86,7 +93,8 @@ class NICNode(wiring.Component):
                 # an engine reset inside a message must not splice it with the next one
                 link.ctrl_abort.eq(self.epoch_reset),
                 # the message length lets the link put a message on the wire as it comes
-                link.ctrl_len.eq(engine.ctrl_out_len[p]),
+                # (without cut-through: no hint, so the link's cut-through logic drops out)
+                link.ctrl_len.eq(engine.ctrl_out_len[p] if self.cut_through else 0),
             ]
             wiring.connect(m, engine.ctrl_out[p], link.ctrl_in)
             wiring.connect(m, link.ctrl_out, engine.ctrl_in[p])

@@ -19,7 +19,7 @@ single field at bit 0 has a plain unsigned port; one with several fields has a
 fields (``bank.port[0].control.enable``).
 """
 
-from amaranth import Module, Value, unsigned
+from amaranth import Module, Signal, Value, unsigned
 from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -62,7 +62,7 @@ def bus_signature() -> wiring.Signature:
 
     ``req`` carries requests (valid/ready). ``rsp`` returns exactly one response per
     accepted request, in order; it cannot be stalled, so the requester must be able to take
-    it. The :class:`RegisterBank` answers in the cycle after accepting the request; other
+    it. The :class:`RegisterBank` answers two cycles after accepting a request; other
     responders (:class:`~epochlink.hdl.epoch_regs.EpochRegisters`) take longer, so a
     requester waits for the response before its next request.
     """
@@ -107,8 +107,8 @@ def block_signature(block: Block) -> wiring.Signature | None:
 class RegisterBank(wiring.Component):
     """Register bank built from a :class:`~epochlink.registers.RegisterMap`.
 
-    Accepts one request per cycle (``bus.req.ready`` is always 1) and answers it in the next
-    cycle on ``bus.rsp``. Command registers (``Register.command``) are not in the bank: they
+    Accepts one request per cycle (``bus.req.ready`` is always 1) and answers it two cycles
+    later on ``bus.rsp`` (the request is registered, then executed). Command registers (``Register.command``) are not in the bank: they
     answer ``BAD_ADDRESS`` here, and a NIC routes them to the epoch engine instead. Refused accesses (``BAD_ADDRESS``, ``READ_ONLY``,
     ``ILLEGAL_VALUE``) change nothing and raise no strobe. The validation rule of an RW
     register (no bits outside its fields, fields within their ``max``) is checked in
@@ -166,10 +166,18 @@ class RegisterBank(wiring.Component):
     def elaborate(self, platform) -> Module:
         m = Module()
         req, rsp = self.bus.req, self.bus.rsp
-        addr, write, wdata = req.payload.addr, req.payload.write, req.payload.wdata
+        # The request is registered before it is decoded: the read multiplexer spans every
+        # register of the design, and the path from the requester through the address
+        # decode into it was the longest of a 4-port NIC.
+        taken = Signal()
+        request = Signal(BusRequest)
+        m.d.sync += taken.eq(req.valid)
+        with m.If(req.valid):
+            m.d.sync += request.eq(req.payload)
+        addr, write, wdata = request.addr, request.write, request.wdata
 
         m.d.comb += req.ready.eq(1)
-        m.d.sync += rsp.valid.eq(req.valid)
+        m.d.sync += rsp.valid.eq(taken)
 
         # Hardware-side behaviour that happens regardless of the bus.
         served = [inst for inst in self.regmap if inst.register.command is None]
@@ -182,7 +190,7 @@ class RegisterBank(wiring.Component):
                 setb = Value.cast(self.hw_set(inst.name)) & reg.mask
                 m.d.sync += value.eq(value | setb)
 
-        with m.If(req.valid):
+        with m.If(taken):
             with m.Switch(addr):
                 for inst in served:
                     reg = inst.register
