@@ -267,6 +267,7 @@ FPGA_POINTS = (
     ("icebreaker", "nic", 1, None),
     ("icebreaker", "nic", 2, {"cells_fraction": 0.70, "fmax_mhz": 48.0}),
     ("ulx3s-85f", "selftest", 2, None),
+    ("ulx3s-85f", "nic", 1, None),
     ("ulx3s-85f", "nic", 4, {"cells_fraction": 1.0, "fmax_mhz": 125.0}),
 )
 
