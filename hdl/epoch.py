@@ -686,29 +686,48 @@ class EpochEngine(wiring.Component):
                     m.next = "IDLE"
 
             # -- REPORT = min(LOCAL, reports of CHILD ports) -------------------------------
+            # Without cut-through the floor and root comparisons get a cycle of their own
+            # (RFLOOR, RROOT): the shared comparator then never feeds the ports' pending flags
+            # in the same cycle, the longest path of that build.
+            below_floor = Signal()      # RFLOOR: acc < sent
+            below_committed = Signal()  # RROOT: acc < COMMITTED
             with m.State("RSCAN"):
                 scan_step(idx, idx_rep, idx_ver)
                 m.d.sync += idx.eq(idx + 1)
                 with m.If(idx == P - 1):
+                    m.next = "RDONE" if self.cut_through else "RFLOOR"
+            if not self.cut_through:
+                with m.State("RFLOOR"):
+                    # (no REPORT load meanwhile: ``sent`` stays what was compared)
+                    m.d.comb += [hold.eq(1), cmp_a.eq(acc), cmp_b.eq(sent)]
+                    m.d.sync += below_floor.eq(lt)
                     m.next = "RDONE"
             with m.State("RDONE"):
                 # Never below a REPORT already sent: that one is still a valid bound, and the
                 # floor for ENABLE must not fall (only a ROLE rewrite could make REPORT drop).
-                m.d.comb += [cmp_a.eq(acc), cmp_b.eq(sent)]
-                new_report = Mux(lt, sent, acc)
+                if self.cut_through:
+                    m.d.comb += [cmp_a.eq(acc), cmp_b.eq(sent)]
+                    m.d.comb += below_floor.eq(lt)
+                new_report = Mux(below_floor, sent, acc)
                 changed = ~report_valid | (new_report != report) | (vacc != ver_report)
                 with m.If(online & acc_ok & changed):
                     m.d.comb += pend_up.eq(1)
                 m.d.sync += [report.eq(new_report), report_valid.eq(acc_ok),
                              ver_report.eq(vacc)]
                 with m.If(online & acc_ok & ~has_parent):
-                    m.next = "COMMIT"
+                    m.next = "COMMIT" if self.cut_through else "RROOT"
                 with m.Else():
                     m.next = "IDLE"
+            if not self.cut_through:
+                with m.State("RROOT"):
+                    m.d.comb += [cmp_a.eq(acc), cmp_b.eq(committed)]
+                    m.d.sync += below_committed.eq(lt)
+                    m.next = "COMMIT"
             with m.State("COMMIT"):
                 # the root: its subtree is the whole tree (acc still holds REPORT)
-                m.d.comb += [cmp_a.eq(acc), cmp_b.eq(committed)]
-                with m.If(~lt & (acc != committed)):
+                if self.cut_through:
+                    m.d.comb += [cmp_a.eq(acc), cmp_b.eq(committed), below_committed.eq(lt)]
+                with m.If(~below_committed & (acc != committed)):
                     m.d.sync += committed.eq(acc)
                     m.d.comb += pend_kids.eq(1)
                 with m.If(ver_conv != ver_report):
@@ -720,6 +739,8 @@ class EpochEngine(wiring.Component):
         receiving = fsm.ongoing("RECV") | fsm.ongoing("RX")
         scanning = (fsm.ongoing("LSCAN") | fsm.ongoing("RSCAN") | fsm.ongoing("RDONE") |
                     fsm.ongoing("COMMIT"))
+        if not self.cut_through:
+            scanning |= fsm.ongoing("RFLOOR") | fsm.ongoing("RROOT")
         pending = Signal(P)
         report_load = Signal(P)     # the parent port takes a REPORT snapshot
         with m.If(report_load.any()):
