@@ -228,15 +228,11 @@ def _build_locked(spec, top, platform, build_dir, name, seed):
         if stale.exists():
             stale.unlink()
 
-    # router2 on the ECP5: on the 4-port NIC router1 still had 54,000 of 91,000 arcs to
-    # route after 15 minutes, router2 finished in about 4. Its timing-driven rip-up keeps
-    # the self-test at 137 MHz (router2 alone: 112 MHz; router1: 194.5 MHz).
-    router = " --router router2 --tmg-ripup" if spec.family == "ecp5" else ""
     failure = None
     try:
         platform.build(top, name=name, build_dir=str(build_dir), do_program=False,
                        nextpnr_opts=f"--report {nextpnr_report.name} --timing-allow-fail "
-                                    f"--seed {seed}{router}")
+                                    f"--seed {seed}")
     except subprocess.CalledProcessError as exc:
         failure = exc
 
