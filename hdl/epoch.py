@@ -525,7 +525,7 @@ class EpochEngine(wiring.Component):
                     m.d.comb += self.ctrl_in[p].ready.eq((idx == p) & ~last_wait)
                 # no REPORT load until it is applied: the floor must not move meanwhile
                 m.d.comb += hold.eq(fast & ~now)
-                with m.If(fast & self.cut_through):
+                with m.If(fast):            # (never set without cut-through)
                     with m.Switch(pre):
                         with m.Case(PRE_SCAN):
                             # REPORT of LOCAL and the other CHILD ports (as RSCAN)
