@@ -78,8 +78,8 @@ class ICEBreakerTop(BoardTop):
     platform_class = ICEBreakerPlatform
     clk_hz = 48e6
     #: The UP5K is small: 4 transfers in flight, 32-byte messages (epoch messages are 10),
-    #: 16-bit counters and the slim channel model.
-    nic_args = dict(window=4, max_payload=32, counter_width=16, channel="lite")
+    #: and the slim channel model.
+    nic_args = dict(window=4, max_payload=32, channel="lite")
     osc_hz = 12e6
     max_ports = len(LINK_PINS)
 

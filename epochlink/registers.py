@@ -119,6 +119,9 @@ class Register:
     #: rather than a store; the engine may refuse it (``REFUSED_*`` statuses). Such registers
     #: are served by :class:`~epochlink.hdl.epoch_regs.EpochRegisters`, not the register bank.
     command: Op | None = None
+    #: RO only: an event counter (32-bit, wrapping). The NIC keeps these in a
+    #: :class:`~epochlink.hdl.counters.CounterBank` (block RAM) rather than the register bank.
+    counter: bool = False
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Z][A-Z0-9_]*", self.name):
@@ -127,6 +130,8 @@ class Register:
             raise ValueError(f"{self.name}: only RO registers can be constant")
         if self.command is not None and self.access is not Access.RW:
             raise ValueError(f"{self.name}: only RW registers can be commands")
+        if self.counter and (self.access is not Access.RO or self.constant):
+            raise ValueError(f"{self.name}: only hardware-driven RO registers can be counters")
         if not self.fields:
             raise ValueError(f"{self.name}: a register needs at least one field")
         used = 0
@@ -205,7 +210,8 @@ def _value(name: str, offset: int, access: Access, width: int, description: str,
 
 
 def _counter(name: str, offset: int, description: str) -> Register:
-    return _value(name, offset, Access.RO, 32, description + " (32-bit, wraps)")
+    return Register(name, offset, Access.RO, (Field("value", 0, 32),), 0,
+                    description + " (32-bit, wraps)", counter=True)
 
 
 @dataclass(frozen=True)
@@ -589,8 +595,9 @@ def render_markdown() -> str:
         "nothing), W1C (sticky bits set by hardware, writing 1 clears), RW (cmd) (a write is "
         "a command to the epoch engine, which may refuse it with REFUSED_LOWER or "
         "REFUSED_DISABLED and change nothing; reads return the engine's state). Accesses to "
-        "addresses without a register fail with BAD_ADDRESS. Counters wrap; a build with a "
-        "narrower `counter_width` (the iCEBreaker's: 16) wraps them at 2^counter_width.",
+        "addresses without a register fail with BAD_ADDRESS. Counters wrap (a build with a "
+        "narrower `counter_width` wraps them at 2^counter_width) and are kept in block RAM: "
+        "a read returns the count as of a few microseconds earlier.",
         "",
         "## Address space",
         "",

@@ -3,9 +3,11 @@
 One source of truth: the link engine, the channel model, the serial PHY, the epoch
 engine and the board tops all build their ports from these definitions.
 """
+from amaranth import Signal
 from amaranth.lib import data, stream
 
-__all__ = ["MessageByte", "message_signature", "phy_tx_signature", "phy_rx_signature", "forward_status"]
+__all__ = ["MessageByte", "message_signature", "phy_tx_signature", "phy_rx_signature",
+           "forward_status", "event_layout", "count_events"]
 
 
 class MessageByte(data.Struct):
@@ -38,3 +40,32 @@ def forward_status(m, source, target):
     pairs = zip(source.signature.flatten(source), target.signature.flatten(target))
     for (_, _, src), (_, _, dst) in pairs:
         m.d.comb += dst.eq(src)
+
+
+def event_layout(names, wide=None) -> data.StructLayout:
+    """Event strobes of a component, one field per counter it keeps.
+
+    A field holds the amount its counter goes up by in this cycle: 1 bit for most, the
+    width given in ``wide`` (``{name: bits}``) for events that may come several at once.
+    A NIC counts these in a :class:`~epochlink.hdl.counters.CounterBank`; a component built
+    with ``counter_width`` > 0 also counts them itself (:func:`count_events`).
+    """
+    wide = dict(wide or {})
+    return data.StructLayout({name: wide.get(name, 1) for name in names})
+
+
+def count_events(m, events, width: int) -> dict:
+    """Wrapping ``width``-bit counters, each adding its field of ``events`` every cycle.
+
+    Returns ``{name: counter}``; with ``width`` 0 the counters are 0-bit (nothing is built:
+    the events are counted elsewhere).
+    """
+    counters = {}
+    for name in events.shape().members:
+        counter = Signal(width, name=f"count_{name}")
+        if width:
+            amount = events[name]
+            with m.If(amount != 0):
+                m.d.sync += counter.eq(counter + amount)
+        counters[name] = counter
+    return counters

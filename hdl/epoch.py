@@ -22,7 +22,7 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from .common import message_signature
+from .common import message_signature, event_layout, count_events
 from .link import ctrl_out_signature
 from .epoch_format import (CMD_VALUE_BITS, COMMITTED_CODE_SHIFT, EPOCH_CODE_SHIFT, FLAG_SOLICIT,
                            MSG_LEN, RESERVED_BIT, TYPE_MASK, VERSION_BITS, CmdStatus,
@@ -62,8 +62,16 @@ class EpochPortStatusSignature(wiring.Signature):
         })
 
 
+#: The epoch engine's counters, as event strobes.
+EPOCH_EVENTS = event_layout(("refused", "malformed", "misrouted"))
+
+
 class EpochStatusSignature(wiring.Signature):
-    """Status of an epoch engine, ready for a register bank."""
+    """Status of an epoch engine, ready for a register bank.
+
+    ``events`` (:data:`EPOCH_EVENTS`) strobes in the cycle a counter moves; with
+    ``counter_width`` 0 only the strobes are built.
+    """
     def __init__(self, domains=8, ports=2, epoch_width=32, counter_width=32):
         W = epoch_width
         super().__init__({
@@ -81,6 +89,7 @@ class EpochStatusSignature(wiring.Signature):
             "refused": Out(counter_width),
             "malformed": Out(counter_width),
             "misrouted": Out(counter_width),
+            "events": Out(EPOCH_EVENTS),
             "port": Out(EpochPortStatusSignature(W)).array(ports),
         })
 
@@ -229,9 +238,8 @@ class EpochEngine(wiring.Component):
         heard = Signal(P)
         child_rep = _port_signals("child_rep", P, W)
         child_ver = _port_signals("child_ver", P, V)
-        refused = Signal(self.counter_width)
-        malformed = Signal(self.counter_width)
-        misrouted = Signal(self.counter_width)
+        events = self.status.events
+        counters = count_events(m, events, self.counter_width)
 
         need_local = Signal()       # LOCAL must be rescanned
         need_report = Signal()      # REPORT must be recomputed (always after LOCAL)
@@ -303,7 +311,7 @@ class EpochEngine(wiring.Component):
         def respond(status):
             m.d.sync += r_status.eq(status)
             if status is not CmdStatus.OK:
-                m.d.sync += refused.eq(refused + 1)
+                m.d.comb += events.refused.eq(1)
             m.next = "RESP"
 
         def scan_step(port, rep, ver, also=Const(1)):
@@ -405,7 +413,7 @@ class EpochEngine(wiring.Component):
                     with m.If(Cat(s.payload.drop for s in self.ctrl_in).bit_select(first, 1)):
                         pass    # a message withdrawn by its link (none of it was taken here)
                     with m.Elif(Cat(s.payload.last for s in self.ctrl_in).bit_select(first, 1)):
-                        m.d.sync += malformed.eq(malformed + 1)   # a 1-byte message
+                        m.d.comb += events.malformed.eq(1)   # a 1-byte message
                     with m.Else():
                         m.next = "RECV"
 
@@ -576,7 +584,7 @@ class EpochEngine(wiring.Component):
                         # a neighbour's COMMITTED is a certificate (own comparator)
                         m_gt = ~(m_com < committed) & (m_com != committed)
                         with m.If((rx_cnt != ver_at) | rx_bad):
-                            m.d.sync += malformed.eq(malformed + 1)
+                            m.d.comb += events.malformed.eq(1)
                             m.next = "IDLE"
                         with m.Elif(fast & fits):
                             # -- a child's REPORT: apply it and the new REPORT at once --
@@ -628,7 +636,7 @@ class EpochEngine(wiring.Component):
                 from_parent = (idx_role == Role.PARENT) & ~rx_report
                 m.next = "IDLE"
                 with m.If(~fits):
-                    m.d.sync += malformed.eq(malformed + 1)
+                    m.d.comb += events.malformed.eq(1)
                 with m.Elif(from_child):
                     for p in for_port(idx):
                         with m.If(~heard[p] | ~lt):
@@ -642,7 +650,7 @@ class EpochEngine(wiring.Component):
                         m.d.sync += ver_conv.eq(m_ver)
                         m.d.comb += pend_kids.eq(1)
                 with m.Else():
-                    m.d.sync += misrouted.eq(misrouted + 1)
+                    m.d.comb += events.misrouted.eq(1)
                 with m.If(fits & (from_child | from_parent)):
                     # a neighbour's COMMITTED is a certificate: adopt it (own comparator, so
                     # that this takes no extra cycle)
@@ -822,7 +830,8 @@ class EpochEngine(wiring.Component):
             st.report.eq(report), st.report_valid.eq(report_valid),
             st.report_sent.eq(sent), st.committed.eq(committed), st.active.eq(active),
             st.version_report.eq(ver_report), st.version_converged.eq(ver_conv),
-            st.refused.eq(refused), st.malformed.eq(malformed), st.misrouted.eq(misrouted),
+            st.refused.eq(counters["refused"]), st.malformed.eq(counters["malformed"]),
+            st.misrouted.eq(counters["misrouted"]),
         ]
         for p in range(P):
             m.d.comb += [

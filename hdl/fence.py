@@ -19,10 +19,14 @@ from amaranth import *
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from .common import message_signature
+from .common import message_signature, event_layout, count_events
 from .epoch_format import FenceMode
 
-__all__ = ["TAG_BYTES", "MARK_BIT", "FenceMode", "EpochTagger", "EpochFence", "encode_tag", "decode_tag"]
+__all__ = ["TAG_BYTES", "MARK_BIT", "FenceMode", "EpochTagger", "EpochFence", "FENCE_EVENTS",
+           "encode_tag", "decode_tag"]
+
+#: The fence's counters, as event strobes.
+FENCE_EVENTS = event_layout(("older", "same", "newer", "dropped", "malformed"))
 
 TAG_BYTES = 5
 MARK_BIT = 0x80
@@ -78,23 +82,30 @@ class EpochFence(wiring.Component):
     """Classifies tagged messages from ``i`` against ``epoch`` and applies ``mode``.
 
     Counters (``counter_width`` bits, default 32, wrapping): ``older``, ``same``, ``newer``,
-    ``dropped``, ``malformed``. Messages are buffered only by their tag (5 bytes), so the
-    fence adds a few cycles of latency and no message-sized memory.
+    ``dropped``, ``malformed``; ``events`` (:data:`FENCE_EVENTS`) strobes in the cycle each
+    one moves (with ``counter_width`` 0 only the strobes are built). Messages are buffered
+    only by their tag (5 bytes), so the fence adds a few cycles of latency and no
+    message-sized memory.
     """
 
     def __init__(self, counter_width: int = 32):
-        if not 1 <= counter_width <= 32:
-            raise ValueError(f"counter_width must be 1..32, not {counter_width}")
+        if not 0 <= counter_width <= 32:
+            raise ValueError(f"counter_width must be 0..32, not {counter_width}")
+        self.counter_width = counter_width
         super().__init__({
             "i": In(message_signature()),
             "o": Out(message_signature()),
             "epoch": In(32),
             "mode": In(2),
-            **{name: Out(counter_width) for name in ("older", "same", "newer", "dropped", "malformed")},
+            **{name: Out(counter_width) for name in FENCE_EVENTS.members},
+            "events": Out(FENCE_EVENTS),
         })
 
     def elaborate(self, platform):
         m = Module()
+        for name, counter in count_events(m, self.events, self.counter_width).items():
+            m.d.comb += getattr(self, name).eq(counter)
+        events = self.events
         tag = Signal(8 * TAG_BYTES)
         index = Signal(range(TAG_BYTES + 1))
         cross = Signal()
@@ -107,22 +118,23 @@ class EpochFence(wiring.Component):
                 with m.If(self.i.valid):
                     m.d.sync += [tag.word_select(index, 8).eq(self.i.payload.data), index.eq(index + 1)]
                     with m.If(self.i.payload.last):
-                        m.d.sync += [self.malformed.eq(self.malformed + 1), index.eq(0)]
+                        m.d.sync += index.eq(0)
+                        m.d.comb += events.malformed.eq(1)
                     with m.Elif(index == TAG_BYTES - 1):
                         m.next = "CLASSIFY"
             with m.State("CLASSIFY"):
                 older, newer = sender_epoch < self.epoch, sender_epoch > self.epoch
                 with m.If(older):
-                    m.d.sync += self.older.eq(self.older + 1)
+                    m.d.comb += events.older.eq(1)
                 with m.Elif(newer):
-                    m.d.sync += self.newer.eq(self.newer + 1)
+                    m.d.comb += events.newer.eq(1)
                 with m.Else():
-                    m.d.sync += self.same.eq(self.same + 1)
+                    m.d.comb += events.same.eq(1)
                 is_cross = older | newer
                 m.d.sync += [cross.eq(is_cross), drop.eq(is_cross & (self.mode == FenceMode.DROP)),
                              out_index.eq(0), index.eq(0)]
                 with m.If(is_cross & (self.mode == FenceMode.DROP)):
-                    m.d.sync += self.dropped.eq(self.dropped + 1)
+                    m.d.comb += events.dropped.eq(1)
                     m.next = "BODY"
                 with m.Else():
                     m.next = "EMIT_TAG"

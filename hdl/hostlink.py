@@ -11,10 +11,16 @@ from amaranth.lib.wiring import In, Out
 from epochlink.hostproto import (CRC16_PARAMETERS, MAX_OUTSTANDING, SOF_REQUEST, SOF_RESPONSE,
                                  Opcode, Status)
 
+from .common import count_events, event_layout
 from .regbank import bus_signature
-from .uart import UARTReceiver, UARTTransmitter, uart_divisor
+from .uart import UART_RX_EVENTS, UARTReceiver, UARTTransmitter, uart_divisor
 
-__all__ = ["ResponseEntry", "HostLink", "UARTHostLink"]
+__all__ = ["ResponseEntry", "HostLink", "UARTHostLink", "HOST_LINK_EVENTS", "UART_HOST_LINK_EVENTS"]
+
+#: The host link's counters, as event strobes.
+HOST_LINK_EVENTS = event_layout(("frames_ok", "frame_errors", "discarded"))
+#: Those of a :class:`UARTHostLink`: the host link's and the UART receiver's.
+UART_HOST_LINK_EVENTS = event_layout((*HOST_LINK_EVENTS.members, *UART_RX_EVENTS.members))
 
 
 def _crc_parameters() -> crc.Parameters:
@@ -48,7 +54,7 @@ class HostLink(wiring.Component):
     queue_depth : int
         Responses the queue holds (the host's window).
     counter_width : int
-        Width of the statistics counters (they wrap).
+        Width of the statistics counters (they wrap; 0: none, count ``events`` elsewhere).
 
     Members
     -------
@@ -64,6 +70,8 @@ class HostLink(wiring.Component):
         Requests answered with a link-layer error.
     discarded : Out(counter_width)
         Bytes discarded while hunting for a SOF (and lone SOFs that timed out).
+    events : Out(HOST_LINK_EVENTS)
+        Strobes in the cycle each counter moves.
     idle : Out(1)
         The parser is hunting for a SOF and no response is pending (for tests/monitors).
     """
@@ -76,6 +84,7 @@ class HostLink(wiring.Component):
             raise ValueError("queue_depth must be at least 1")
         self.timeout = timeout
         self.queue_depth = queue_depth
+        self.counter_width = counter_width
         super().__init__({
             "rx": In(stream.Signature(8)),
             "tx": Out(stream.Signature(8)),
@@ -83,11 +92,14 @@ class HostLink(wiring.Component):
             "frames_ok": Out(counter_width),
             "frame_errors": Out(counter_width),
             "discarded": Out(counter_width),
+            "events": Out(HOST_LINK_EVENTS),
             "idle": Out(1),
         })
 
     def elaborate(self, platform) -> Module:
         m = Module()
+        for name, counter in count_events(m, self.events, self.counter_width).items():
+            m.d.comb += getattr(self, name).eq(counter)
         m.submodules.queue = queue = fifo.SyncFIFOBuffered(
             width=ResponseEntry.as_shape().size, depth=self.queue_depth)
         m.submodules.rx_crc = rx_crc = _crc_parameters().create()
@@ -136,7 +148,7 @@ class HostLink(wiring.Component):
                         m.d.sync += [idx.eq(0), timer.eq(0)]
                         m.next = "BODY"
                     with m.Else():
-                        m.d.sync += self.discarded.eq(self.discarded + 1)
+                        m.d.comb += self.events.discarded.eq(1)
 
             with m.State("BODY"):
                 m.d.comb += rx.ready.eq(1)
@@ -164,7 +176,7 @@ class HostLink(wiring.Component):
                     m.d.sync += timer.eq(timer + 1)
                     with m.If(timer == self.timeout - 1):
                         with m.If(idx == 0):        # only the SOF: nothing to answer
-                            m.d.sync += self.discarded.eq(self.discarded + 1)
+                            m.d.comb += self.events.discarded.eq(1)
                             m.next = "HUNT"
                         with m.Else():
                             m.d.sync += error.eq(Status.TRUNCATED)
@@ -192,7 +204,7 @@ class HostLink(wiring.Component):
                         entry.data.eq(rsp.payload.rdata),
                         queue.w_en.eq(1),
                     ]
-                    m.d.sync += self.frames_ok.eq(self.frames_ok + 1)
+                    m.d.comb += self.events.frames_ok.eq(1)
                     m.next = "HUNT"
 
             with m.State("ERROR"):
@@ -203,7 +215,7 @@ class HostLink(wiring.Component):
                     queue.w_en.eq(queue.w_rdy),
                 ]
                 with m.If(queue.w_rdy):
-                    m.d.sync += self.frame_errors.eq(self.frame_errors + 1)
+                    m.d.comb += self.events.frame_errors.eq(1)
                     m.next = "HUNT"
         return hunting
 
@@ -272,6 +284,8 @@ class UARTHostLink(wiring.Component):
         :class:`HostLink` statistics.
     framing_errors, overruns : Out(counter_width)
         :class:`UARTReceiver` statistics.
+    events : Out(UART_HOST_LINK_EVENTS)
+        Strobes in the cycle each of these counters moves.
     """
 
     def __init__(self, *, divisor: int, timeout: int, queue_depth: int = MAX_OUTSTANDING,
@@ -292,6 +306,7 @@ class UARTHostLink(wiring.Component):
             "discarded": Out(counter_width),
             "framing_errors": Out(counter_width),
             "overruns": Out(counter_width),
+            "events": Out(UART_HOST_LINK_EVENTS),
         })
 
     @classmethod
@@ -321,5 +336,7 @@ class UARTHostLink(wiring.Component):
             self.discarded.eq(link.discarded),
             self.framing_errors.eq(receiver.framing_errors),
             self.overruns.eq(receiver.overruns),
+            *(self.events[name].eq(link.events[name]) for name in HOST_LINK_EVENTS.members),
+            *(self.events[name].eq(receiver.events[name]) for name in UART_RX_EVENTS.members),
         ]
         return m

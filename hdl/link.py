@@ -36,17 +36,24 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import exact_log2
 
-from .common import message_signature, phy_tx_signature, phy_rx_signature
+from .common import message_signature, phy_tx_signature, phy_rx_signature, event_layout, count_events
 from .frame import (SYNC, FrameType, FLAG_CTRL, FLAG_PROBE, HELLO_FRESH, HELLO_PEER_SEEN,
                     HELLO_LEN, REFLECT_LEN, LINK_COUNTERS, LinkState)
 
-__all__ = ["LinkEngine", "LinkStatusSignature", "COUNTERS", "CtrlByte", "ctrl_out_signature"]
+__all__ = ["LinkEngine", "LinkStatusSignature", "COUNTERS", "LINK_EVENTS", "CtrlByte",
+           "ctrl_out_signature"]
 
 COUNTERS = LINK_COUNTERS
+#: What moves each counter, cycle by cycle (a re-initialisation aborts several transfers at once).
+LINK_EVENTS = event_layout(COUNTERS, {"aborts": 8})
 
 
 class LinkStatusSignature(wiring.Signature):
-    """Status of a link engine, ready for a register bank."""
+    """Status of a link engine, ready for a register bank.
+
+    ``events`` (:data:`LINK_EVENTS`) moves with the counters, one cycle before them; with
+    ``counter_width`` 0 the counters are 0 bits wide and only the events remain.
+    """
     def __init__(self, counter_width=32):
         members = {
             "state": Out(2),         #: :class:`~epochlink.hdl.frame.LinkState`
@@ -62,6 +69,7 @@ class LinkStatusSignature(wiring.Signature):
         }
         for name in COUNTERS:
             members[name] = Out(counter_width)
+        members["events"] = Out(LINK_EVENTS)
         super().__init__(members)
 
 
@@ -348,7 +356,7 @@ class LinkEngine(wiring.Component):
         Defaults are derived from ``max_payload``; ``dead_cycles`` must exceed the round
         trip of the channel plus a few maximum-length frames.
     counter_width : int
-        Width of the status counters.
+        Width of the status counters (0: none; a NIC counts ``status.events`` in block RAM).
 
     Attributes
     ----------
@@ -499,22 +507,15 @@ class LinkEngine(wiring.Component):
         rx_committed_mask = range_mask(rx_next, low(_mod(rx_commit - rx_next)))
 
         # ---- counters ------------------------------------------------------------------
-        cw = self.counter_width
-        counters = {name: Signal(cw, name=f"count_{name}") for name in COUNTERS}
-        incr = {name: Signal(name=f"inc_{name}") for name in COUNTERS}
-        # The increment strobes are registered: a counter moves one cycle after its event,
-        # and no event logic reaches the counters' carry chains.
-        for name in COUNTERS:
-            incr_r = Signal(name=f"inc_{name}_r")
-            m.d.sync += incr_r.eq(incr[name])
-            with m.If(incr_r):
-                m.d.sync += counters[name].eq(counters[name] + 1)
-            m.d.comb += getattr(self.status, name).eq(counters[name])
+        incr = {name: Signal(name=f"inc_{name}") for name in COUNTERS if name != "aborts"}
         aborted = Signal(8)   # added to `aborts` (several at once)
-        aborted_r = Signal(8)
-        m.d.sync += aborted_r.eq(aborted)
-        with m.If(aborted_r != 0):
-            m.d.sync += counters["aborts"].eq(counters["aborts"] + aborted_r)
+        # The events are registered: a counter moves one cycle after its event, and no event
+        # logic reaches the counters' carry chains (or a CounterBank's accumulators).
+        events = self.status.events
+        m.d.sync += [events.aborts.eq(aborted),
+                     *(events[name].eq(strobe) for name, strobe in incr.items())]
+        for name, counter in count_events(m, events, self.counter_width).items():
+            m.d.comb += getattr(self.status, name).eq(counter)
         m.d.comb += [
             self.status.state.eq(Mux(incompatible, LinkState.INCOMPATIBLE,
                                      Mux(up, LinkState.UP, Mux(seen, LinkState.INIT, LinkState.DOWN)))),

@@ -2,16 +2,20 @@
 
 ::
 
-    uart_rx ─► UARTHostLink ─bus─► router ─┬─► RegisterBank ── status, control, counters
-    uart_tx ◄─                             └─► EpochRegisters ─cmd/rsp─┐
+    uart_rx ─► UARTHostLink ─bus─► router ─┬─► RegisterBank ── status, control
+    uart_tx ◄─                             ├─► CounterBank ◄── events of every block
+                                           └─► EpochRegisters ─cmd/rsp─┐
                                                                        ▼
     phy_rx[p] ─► channel model[p] ─────────────────────────────► NICNode (EpochEngine,
     phy_tx[p] ◄──────────────────────────────────────────────────  LinkEngine per port,
                                                                     epoch tag and fence)
 
-The register map (:func:`epochlink.registers.register_map`) is the one source: the bank
-serves every register but the epoch engine's command registers, which the router sends to
-:class:`~epochlink.hdl.epoch_regs.EpochRegisters`.
+The register map (:func:`epochlink.registers.register_map`) is the one source: the router
+sends the epoch engine's command registers to
+:class:`~epochlink.hdl.epoch_regs.EpochRegisters`, the counters to the
+:class:`~epochlink.hdl.counters.CounterBank` (block RAM: the host link, epoch engine, link
+engines and fences are built without counters of their own and report events), and every
+other register to the :class:`~epochlink.hdl.regbank.RegisterBank`.
 """
 from amaranth import Module, Mux, Signal
 from amaranth.lib import wiring
@@ -21,9 +25,11 @@ from epochlink.registers import register_map
 
 from .channel import ChannelModel, LiteChannel
 from .common import phy_rx_signature, phy_tx_signature
+from .counters import CounterBank, counter_field
 from .epoch_regs import EpochRegisters, command_addresses
 from .frame import LINK_COUNTERS, OVERHEAD_BYTES, LinkState
 from .hostlink import UARTHostLink
+from .link import LINK_EVENTS
 from .node import NICNode
 from .regbank import RegisterBank
 
@@ -106,10 +112,11 @@ class NICCore(wiring.Component):
         Persistence domains of the epoch engine.
     ver_min, ver_max : int
         Link protocol versions this build supports (``EPOCH.SUPPORTED``).
-    window, max_payload, counter_width : int
-        :class:`~epochlink.hdl.link.LinkEngine` parameters. ``counter_width`` applies to
-        every counter (link, epoch engine, fence, host link): below 32 the counter
-        registers wrap at ``2**counter_width``.
+    window, max_payload : int
+        :class:`~epochlink.hdl.link.LinkEngine` parameters.
+    counter_width : int
+        Width of the counters in the :class:`~epochlink.hdl.counters.CounterBank` (1..32):
+        below 32 the counter registers wrap at ``2**counter_width``.
     channel : str
         ``"full"``: a :class:`~epochlink.hdl.channel.ChannelModel` per port; ``"lite"``: a
         :class:`~epochlink.hdl.channel.LiteChannel` (for small FPGAs).
@@ -139,6 +146,8 @@ class NICCore(wiring.Component):
             raise ValueError(f"node_id must fit in 16 bits, not {node_id}")
         if not 1 <= ver_min <= ver_max <= 255:
             raise ValueError(f"need 1 <= ver_min <= ver_max <= 255, not {ver_min}..{ver_max}")
+        if not 1 <= counter_width <= 32:
+            raise ValueError(f"counter_width must be 1..32, not {counter_width}")
         if channel not in ("full", "lite"):
             raise ValueError(f"channel must be 'full' or 'lite', not {channel!r}")
         self.ports = ports
@@ -154,7 +163,7 @@ class NICCore(wiring.Component):
         timers = link_timers(max_payload, phy_cycles_per_byte)
         self.phy_cycles_per_byte = phy_cycles_per_byte
         self.node_args = dict(ports=ports, domains=domains, window=window,
-                              max_payload=max_payload, counter_width=counter_width,
+                              max_payload=max_payload, counter_width=0,
                               cut_through=cut_through,
                               **{**timers, **link_args})
         self.regmap = register_map(ports, domains)
@@ -162,14 +171,19 @@ class NICCore(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        m.submodules.host = host = UARTHostLink.for_clock(
-            self.clk_hz, self.baud, counter_width=self.counter_width)
-        m.submodules.bank = bank = RegisterBank(self.regmap)
+        m.submodules.host = host = UARTHostLink.for_clock(self.clk_hz, self.baud, counter_width=0)
+        m.submodules.bank = bank = RegisterBank(self.regmap, serve_counters=False)
+        m.submodules.counters = counters = CounterBank.for_map(
+            self.regmap, width=self.counter_width,
+            increments={f"PORT{p}.{name.upper()}": width
+                        for p in range(self.ports)
+                        for name, width in self._link_event_widths().items() if width > 1})
         m.submodules.epoch_regs = eregs = EpochRegisters(self.regmap)
         m.submodules.node = node = NICNode(**self.node_args)
         reg = bank.hw_port
 
-        self._route(m, host.bus, bank.bus, eregs.bus)
+        self._route(m, host.bus, bank.bus, counters.bus, eregs.bus)
+        self._count(m, counters, host, node)
         wiring.connect(m, eregs.cmd, node.cmd)
         wiring.connect(m, node.rsp, eregs.rsp)
         epoch = node.epoch
@@ -188,11 +202,6 @@ class NICCore(wiring.Component):
             node.fence_mode.eq(reg("FENCE_MODE")),
             node.epoch_reset.eq(bank.hw_strobe("RESET") & reg("RESET")),
             reg("NODE_ID").eq(self.node_id),
-            reg("HOST_FRAMES").eq(host.frames_ok),
-            reg("HOST_ERRORS").eq(host.frame_errors),
-            reg("HOST_DISCARDED").eq(host.discarded),
-            reg("UART_FRAMING_ERRORS").eq(host.framing_errors),
-            reg("UART_OVERRUNS").eq(host.overruns),
             reg("STATUS").online.eq(epoch.online),
             reg("STATUS").local_valid.eq(epoch.local_valid),
             reg("STATUS").report_valid.eq(epoch.report_valid),
@@ -205,9 +214,6 @@ class NICCore(wiring.Component):
             reg("VERSIONS").converged.eq(epoch.version_converged),
             reg("SUPPORTED").min.eq(self.ver_min),
             reg("SUPPORTED").max.eq(self.ver_max),
-            reg("REFUSED").eq(epoch.refused),
-            reg("MALFORMED").eq(epoch.malformed),
-            reg("MISROUTED").eq(epoch.misrouted),
         ]
 
         last_committed = Signal.like(epoch.committed)
@@ -220,23 +226,60 @@ class NICCore(wiring.Component):
         m.d.comb += self.fault.eq(fault.any())
         return m
 
-    def _route(self, m, host_bus, bank_bus, epoch_bus):
-        """Send command-register accesses to the epoch engine, the rest to the bank."""
+    @staticmethod
+    def _link_event_widths():
+        return {name: LINK_EVENTS.members[name] for name in LINK_COUNTERS}
+
+    def _route(self, m, host_bus, bank_bus, counter_bus, epoch_bus):
+        """Send command-register accesses to the epoch engine, counter reads to the counter
+        bank, the rest to the register bank."""
         req = host_bus.req
         to_epoch = Signal()
+        to_counters = Signal()
         with m.Switch(req.payload.addr):
             with m.Case(*command_addresses(self.regmap)):
                 m.d.comb += to_epoch.eq(1)
-        for target, selected in ((bank_bus, ~to_epoch), (epoch_bus, to_epoch)):
+            with m.Case(*(inst.address for inst in self.regmap if inst.register.counter)):
+                m.d.comb += to_counters.eq(1)
+        targets = ((bank_bus, ~to_epoch & ~to_counters), (counter_bus, to_counters),
+                   (epoch_bus, to_epoch))
+        for target, selected in targets:
             m.d.comb += [target.req.payload.eq(req.payload),
                          target.req.valid.eq(req.valid & selected)]
         m.d.comb += [
-            req.ready.eq(Mux(to_epoch, epoch_bus.req.ready, bank_bus.req.ready)),
+            req.ready.eq(Mux(to_epoch, epoch_bus.req.ready,
+                             Mux(to_counters, counter_bus.req.ready, bank_bus.req.ready))),
             # The host link waits for each answer, so at most one responder answers at a time.
-            host_bus.rsp.valid.eq(bank_bus.rsp.valid | epoch_bus.rsp.valid),
+            host_bus.rsp.valid.eq(bank_bus.rsp.valid | counter_bus.rsp.valid | epoch_bus.rsp.valid),
             host_bus.rsp.payload.eq(Mux(epoch_bus.rsp.valid, epoch_bus.rsp.payload,
-                                        bank_bus.rsp.payload)),
+                                        Mux(counter_bus.rsp.valid, counter_bus.rsp.payload,
+                                            bank_bus.rsp.payload))),
         ]
+
+    def _count(self, m, counters, host, node):
+        """Drive every counter of the map from the event strobes of the block it counts."""
+        sources = {
+            "HOST_FRAMES": host.events.frames_ok,
+            "HOST_ERRORS": host.events.frame_errors,
+            "HOST_DISCARDED": host.events.discarded,
+            "UART_FRAMING_ERRORS": host.events.framing_errors,
+            "UART_OVERRUNS": host.events.overruns,
+            "REFUSED": node.epoch.events.refused,
+            "MALFORMED": node.epoch.events.malformed,
+            "MISROUTED": node.epoch.events.misrouted,
+        }
+        for p in range(self.ports):
+            for name in LINK_COUNTERS:
+                sources[f"PORT{p}.{name.upper()}"] = node.link[p].events[name]
+            for name in ("older", "newer", "dropped"):
+                sources[f"EPOCH_PORT{p}.FENCE_{name.upper()}"] = node.fence_events[p][name]
+        fields = {counter_field(name): source for name, source in sources.items()}
+        expected = {name for name, _, _ in counters.counters}
+        if set(fields) != expected:   # the register map and this wiring must agree
+            raise AssertionError(f"counters without an event: {sorted(expected - set(fields))}, "
+                                 f"events without a counter: {sorted(set(fields) - expected)}")
+        for name, source in fields.items():
+            m.d.comb += counters.events[name].eq(source)
 
     def _port(self, m, p, node, bank, fault):
         reg = lambda name: bank.hw_port(f"PORT{p}.{name}")             # noqa: E731
@@ -271,22 +314,13 @@ class NICCore(wiring.Component):
             ereg("NEIGHBOUR").heard.eq(node.epoch.port[p].heard),
             ereg("NEIGHBOUR").version.eq(node.epoch.port[p].child_version),
             ereg("CHILD_REPORT").eq(node.epoch.port[p].child_report),
-            ereg("FENCE_OLDER").eq(node.fence_older[p]),
-            ereg("FENCE_NEWER").eq(node.fence_newer[p]),
-            ereg("FENCE_DROPPED").eq(node.fence_dropped[p]),
         ]
-        for name in LINK_COUNTERS:
-            m.d.comb += reg(name.upper()).eq(getattr(status, name))
 
-        # EVENTS: a counter moved. Watching a change of the whole counter (not bit 0) catches
-        # any step size.
+        # EVENTS: the sticky "this counter moved" bits.
         events_set = bank.hw_set(f"PORT{p}.EVENTS")
-        for field, counter in (("link_down", "link_downs"), ("crc_error", "crc_errors"),
-                               ("malformed", "malformed"), ("abort", "aborts")):
-            value = getattr(status, counter)
-            last = Signal.like(value, name=f"last_{counter}{p}")
-            m.d.sync += last.eq(value)
-            m.d.comb += getattr(events_set, field).eq(value != last)
+        for field, event in (("link_down", "link_downs"), ("crc_error", "crc_errors"),
+                             ("malformed", "malformed"), ("abort", "aborts")):
+            m.d.comb += getattr(events_set, field).eq(status.events[event] != 0)
 
         m.d.comb += [
             self.link_up[p].eq(status.state == LinkState.UP),

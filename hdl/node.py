@@ -20,7 +20,7 @@ from amaranth.lib.wiring import In, Out
 
 from .common import forward_status, message_signature, phy_rx_signature, phy_tx_signature
 from .epoch import EpochCommand, EpochEngine, EpochResponse, EpochStatusSignature
-from .fence import EpochFence, EpochTagger
+from .fence import FENCE_EVENTS, EpochFence, EpochTagger
 from .frame import LinkState
 from .link import LinkEngine, LinkStatusSignature
 
@@ -71,9 +71,10 @@ class NICNode(wiring.Component):
             "epoch_reset": In(1),
             "epoch": Out(EpochStatusSignature(domains, ports, epoch_width, counter_width)),
             "link": Out(LinkStatusSignature(counter_width)).array(ports),
-            "fence_older": Out(32).array(ports),
-            "fence_newer": Out(32).array(ports),
-            "fence_dropped": Out(32).array(ports),
+            "fence_older": Out(counter_width).array(ports),
+            "fence_newer": Out(counter_width).array(ports),
+            "fence_dropped": Out(counter_width).array(ports),
+            "fence_events": Out(FENCE_EVENTS).array(ports),
         })
 
     def elaborate(self, platform):
@@ -108,7 +109,8 @@ class NICNode(wiring.Component):
             m.d.comb += [tagger.epoch.eq(engine.status.committed), tagger.version.eq(engine.status.active),
                          fence.epoch.eq(engine.status.committed), fence.mode.eq(self.fence_mode),
                          self.fence_older[p].eq(fence.older), self.fence_newer[p].eq(fence.newer),
-                         self.fence_dropped[p].eq(fence.dropped)]
+                         self.fence_dropped[p].eq(fence.dropped),
+                         self.fence_events[p].eq(fence.events)]
             wiring.connect(m, wiring.flipped(self.payload_in[p]), tagger.i)
             wiring.connect(m, tagger.o, link.payload_in)
             wiring.connect(m, link.payload_out, fence.i)

@@ -84,12 +84,18 @@ def _port_init(reg: Register, value: int):
     return value if reg.is_plain else reg.decode(value)
 
 
-def block_signature(block: Block) -> wiring.Signature | None:
+def _served(reg: Register, serve_counters: bool) -> bool:
+    """Whether a :class:`RegisterBank` serves ``reg`` (command registers never, counters
+    unless a :class:`~epochlink.hdl.counters.CounterBank` does)."""
+    return reg.command is None and (serve_counters or not reg.counter)
+
+
+def block_signature(block: Block, serve_counters: bool = True) -> wiring.Signature | None:
     """Hardware-facing ports of one instance of ``block`` (seen from the bank)."""
     members = {}
     for reg in block.registers:
-        if reg.command is not None:
-            continue            # served by the epoch engine, not the bank
+        if not _served(reg, serve_counters):
+            continue
         name = reg.name.lower()
         shape = register_shape(reg)
         if reg.access is Access.RO:
@@ -108,11 +114,22 @@ class RegisterBank(wiring.Component):
     """Register bank built from a :class:`~epochlink.registers.RegisterMap`.
 
     Accepts one request per cycle (``bus.req.ready`` is always 1) and answers it two cycles
-    later on ``bus.rsp`` (the request is registered, then executed). Command registers (``Register.command``) are not in the bank: they
-    answer ``BAD_ADDRESS`` here, and a NIC routes them to the epoch engine instead. Refused accesses (``BAD_ADDRESS``, ``READ_ONLY``,
+    later on ``bus.rsp`` (the request is registered, then executed). Command registers
+    (``Register.command``) are not in the bank: they answer ``BAD_ADDRESS`` here, and a NIC
+    routes them to the epoch engine instead. With ``serve_counters=False`` the same holds for
+    counter registers (``Register.counter``), which a NIC keeps in a
+    :class:`~epochlink.hdl.counters.CounterBank`. Refused accesses (``BAD_ADDRESS``, ``READ_ONLY``,
     ``ILLEGAL_VALUE``) change nothing and raise no strobe. The validation rule of an RW
     register (no bits outside its fields, fields within their ``max``) is checked in
     hardware.
+
+    Parameters
+    ----------
+    regmap : RegisterMap
+        The registers to serve.
+    serve_counters : bool
+        Serve counter registers from hardware ports (default). False leaves them to a
+        :class:`~epochlink.hdl.counters.CounterBank`.
 
     Members
     -------
@@ -124,11 +141,12 @@ class RegisterBank(wiring.Component):
         The same for each instance of a multi-instance block (e.g. ``port[p]``).
     """
 
-    def __init__(self, regmap: RegisterMap) -> None:
+    def __init__(self, regmap: RegisterMap, *, serve_counters: bool = True) -> None:
         self.regmap = regmap
+        self.serve_counters = serve_counters
         members: dict[str, object] = {"bus": In(bus_signature())}
         for block in regmap.blocks:
-            sig = block_signature(block)
+            sig = block_signature(block, serve_counters)
             count = len({i.index for i in regmap if i.block is block})
             if sig is None or count == 0:
                 continue
@@ -180,7 +198,7 @@ class RegisterBank(wiring.Component):
         m.d.sync += rsp.valid.eq(taken)
 
         # Hardware-side behaviour that happens regardless of the bus.
-        served = [inst for inst in self.regmap if inst.register.command is None]
+        served = [inst for inst in self.regmap if _served(inst.register, self.serve_counters)]
         for inst in served:
             reg = inst.register
             if reg.access is Access.RW:

@@ -11,7 +11,12 @@ from amaranth.lib import stream, wiring
 from amaranth.lib.cdc import FFSynchronizer
 from amaranth.lib.wiring import In, Out
 
-__all__ = ["MIN_DIVISOR", "uart_divisor", "UARTReceiver", "UARTTransmitter"]
+from .common import count_events, event_layout
+
+__all__ = ["MIN_DIVISOR", "uart_divisor", "UARTReceiver", "UARTTransmitter", "UART_RX_EVENTS"]
+
+#: The receiver's counters, as event strobes.
+UART_RX_EVENTS = event_layout(("framing_errors", "overruns"))
 
 #: Smallest divisor (cycles per bit) the receiver supports: it samples each bit once, in
 #: its middle, and needs a start-bit half period of at least 2 cycles.
@@ -55,7 +60,7 @@ class UARTReceiver(wiring.Component):
     divisor : int
         Clock cycles per bit (>= 4).
     counter_width : int
-        Width of the error counters (they wrap).
+        Width of the error counters (they wrap; 0: none, count ``events`` elsewhere).
 
     Members
     -------
@@ -73,16 +78,20 @@ class UARTReceiver(wiring.Component):
         if divisor < MIN_DIVISOR:
             raise ValueError(f"divisor must be at least {MIN_DIVISOR}, not {divisor}")
         self.divisor = divisor
+        self.counter_width = counter_width
         super().__init__({
             "rx": In(1, init=1),
             "o": Out(stream.Signature(8)),
             "framing_errors": Out(counter_width),
             "overruns": Out(counter_width),
+            "events": Out(UART_RX_EVENTS),
         })
 
     def elaborate(self, platform) -> Module:
         m = Module()
         d = self.divisor
+        for name, counter in count_events(m, self.events, self.counter_width).items():
+            m.d.comb += getattr(self, name).eq(counter)
 
         rx = Signal(init=1)
         m.submodules.sync = FFSynchronizer(self.rx, rx, init=1)
@@ -120,12 +129,12 @@ class UARTReceiver(wiring.Component):
                 with m.If(timer == 0):
                     with m.If(rx):
                         with m.If(self.o.valid & ~self.o.ready):
-                            m.d.sync += self.overruns.eq(self.overruns + 1)
+                            m.d.comb += self.events.overruns.eq(1)
                         with m.Else():
                             m.d.sync += [self.o.payload.eq(shreg), self.o.valid.eq(1)]
                         m.next = "IDLE"
                     with m.Else():
-                        m.d.sync += self.framing_errors.eq(self.framing_errors + 1)
+                        m.d.comb += self.events.framing_errors.eq(1)
                         m.next = "WAIT_HIGH"
             with m.State("WAIT_HIGH"):
                 # After a bad stop bit (or during a break) wait for the idle level.
