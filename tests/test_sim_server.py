@@ -16,6 +16,8 @@ import pytest
 from epochlink.hdl.epoch_format import Role
 from epochlink.hdl.frame import LinkState
 from epochlink.host.node import Node
+from epochlink.host.protocol import EpochRefused, ErrorResponse
+from epochlink.hostproto import Status
 from epochlink.registers import MAGIC
 from epochlink.sim.server import SimServer, SimServerError, sim_main
 
@@ -120,6 +122,28 @@ def test_reset_node_driver_recovers(sim, nodes):
     t.join()
     assert values == [1] * 32
     assert nodes[0].read("SCRATCH") == 0
+
+
+def test_counters_in_block_ram_count_every_event(nodes):
+    """The NIC's counters live in a CounterBank (block RAM): through the real host link, a
+    counter moves by exactly the events that happened, and a write to it changes nothing."""
+    node = nodes[1]
+    domain = node.domains() - 1
+    node.disable_domain(domain)
+    refused0 = node.read("REFUSED")
+    for epoch in range(1, 8):
+        with pytest.raises(EpochRefused):
+            node.persisted(domain, epoch)              # REFUSED_DISABLED, counted
+    assert node.read("REFUSED") == refused0 + 7
+    with pytest.raises(ErrorResponse) as refused:
+        node.write("REFUSED", 0)
+    assert refused.value.status == Status.READ_ONLY
+    assert node.read("REFUSED") == refused0 + 7
+    # HOST_FRAMES counts the requests executed; a read may or may not include its own.
+    frames = [node.read("HOST_FRAMES") for _ in range(6)]
+    steps = [b - a for a, b in zip(frames, frames[1:])]
+    assert sum(steps) == frames[-1] - frames[0] and all(0 <= s <= 2 for s in steps)
+    assert 4 <= frames[-1] - frames[0] <= 6
 
 
 def test_cut_and_ber(sim, nodes):
