@@ -29,7 +29,6 @@ from .counters import CounterBank, counter_field
 from .epoch_regs import EpochRegisters, command_addresses
 from .frame import LINK_COUNTERS, OVERHEAD_BYTES, LinkState
 from .hostlink import UARTHostLink
-from .link import LINK_EVENTS
 from .node import NICNode
 from .regbank import RegisterBank
 
@@ -173,17 +172,12 @@ class NICCore(wiring.Component):
         m = Module()
         m.submodules.host = host = UARTHostLink.for_clock(self.clk_hz, self.baud, counter_width=0)
         m.submodules.bank = bank = RegisterBank(self.regmap, serve_counters=False)
-        m.submodules.counters = counters = CounterBank.for_map(
-            self.regmap, width=self.counter_width,
-            increments={f"PORT{p}.{name.upper()}": width
-                        for p in range(self.ports)
-                        for name, width in self._link_event_widths().items() if width > 1})
         m.submodules.epoch_regs = eregs = EpochRegisters(self.regmap)
         m.submodules.node = node = NICNode(**self.node_args)
+        m.submodules.counters = counters = self._counter_bank(m, host, node)
         reg = bank.hw_port
 
         self._route(m, host.bus, bank.bus, counters.bus, eregs.bus)
-        self._count(m, counters, host, node)
         wiring.connect(m, eregs.cmd, node.cmd)
         wiring.connect(m, node.rsp, eregs.rsp)
         epoch = node.epoch
@@ -226,10 +220,6 @@ class NICCore(wiring.Component):
         m.d.comb += self.fault.eq(fault.any())
         return m
 
-    @staticmethod
-    def _link_event_widths():
-        return {name: LINK_EVENTS.members[name] for name in LINK_COUNTERS}
-
     def _route(self, m, host_bus, bank_bus, counter_bus, epoch_bus):
         """Send command-register accesses to the epoch engine, counter reads to the counter
         bank, the rest to the register bank."""
@@ -256,8 +246,9 @@ class NICCore(wiring.Component):
                                             bank_bus.rsp.payload))),
         ]
 
-    def _count(self, m, counters, host, node):
-        """Drive every counter of the map from the event strobes of the block it counts."""
+    def _counter_bank(self, m, host, node):
+        """The counter bank, each counter of the map driven by the event strobes of the block
+        it counts (an event's width is the most it can move by in a cycle)."""
         sources = {
             "HOST_FRAMES": host.events.frames_ok,
             "HOST_ERRORS": host.events.frame_errors,
@@ -273,6 +264,9 @@ class NICCore(wiring.Component):
                 sources[f"PORT{p}.{name.upper()}"] = node.link[p].events[name]
             for name in ("older", "newer", "dropped"):
                 sources[f"EPOCH_PORT{p}.FENCE_{name.upper()}"] = node.fence_events[p][name]
+        counters = CounterBank.for_map(
+            self.regmap, width=self.counter_width,
+            increments={name: len(source) for name, source in sources.items() if len(source) > 1})
         fields = {counter_field(name): source for name, source in sources.items()}
         expected = {name for name, _, _ in counters.counters}
         if set(fields) != expected:   # the register map and this wiring must agree
@@ -280,6 +274,7 @@ class NICCore(wiring.Component):
                                  f"events without a counter: {sorted(set(fields) - expected)}")
         for name, source in fields.items():
             m.d.comb += counters.events[name].eq(source)
+        return counters
 
     def _port(self, m, p, node, bank, fault):
         reg = lambda name: bank.hw_port(f"PORT{p}.{name}")             # noqa: E731
