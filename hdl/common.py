@@ -54,18 +54,15 @@ def event_layout(names, wide=None) -> data.StructLayout:
     return data.StructLayout({name: wide.get(name, 1) for name in names})
 
 
-def count_events(m, events, width: int) -> dict:
-    """Wrapping ``width``-bit counters, each adding its field of ``events`` every cycle.
-
-    Returns ``{name: counter}``; with ``width`` 0 the counters are 0-bit (nothing is built:
-    the events are counted elsewhere).
-    """
-    counters = {}
+def count_events(m, events, outputs, width: int) -> None:
+    """Drive ``outputs.<name>`` with a wrapping ``width``-bit counter of each field of
+    ``events`` (adding the field's amount every cycle). With ``width`` 0 nothing is built:
+    the outputs are 0 bits wide and the events are counted elsewhere."""
+    if not width:
+        return
     for name in events.shape().members:
         counter = Signal(width, name=f"count_{name}")
-        if width:
-            amount = events[name]
-            with m.If(amount != 0):
-                m.d.sync += counter.eq(counter + amount)
-        counters[name] = counter
-    return counters
+        amount = events[name]
+        with m.If(amount != 0):
+            m.d.sync += counter.eq(counter + amount)
+        m.d.comb += getattr(outputs, name).eq(counter)

@@ -239,7 +239,7 @@ class EpochEngine(wiring.Component):
         child_rep = _port_signals("child_rep", P, W)
         child_ver = _port_signals("child_ver", P, V)
         events = self.status.events
-        counters = count_events(m, events, self.counter_width)
+        count_events(m, events, self.status, self.counter_width)
 
         need_local = Signal()       # LOCAL must be rescanned
         need_report = Signal()      # REPORT must be recomputed (always after LOCAL)
@@ -830,8 +830,6 @@ class EpochEngine(wiring.Component):
             st.report.eq(report), st.report_valid.eq(report_valid),
             st.report_sent.eq(sent), st.committed.eq(committed), st.active.eq(active),
             st.version_report.eq(ver_report), st.version_converged.eq(ver_conv),
-            st.refused.eq(counters["refused"]), st.malformed.eq(counters["malformed"]),
-            st.misrouted.eq(counters["misrouted"]),
         ]
         for p in range(P):
             m.d.comb += [

@@ -103,8 +103,7 @@ class EpochFence(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        for name, counter in count_events(m, self.events, self.counter_width).items():
-            m.d.comb += getattr(self, name).eq(counter)
+        count_events(m, self.events, self, self.counter_width)
         events = self.events
         tag = Signal(8 * TAG_BYTES)
         index = Signal(range(TAG_BYTES + 1))

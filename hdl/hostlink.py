@@ -98,8 +98,7 @@ class HostLink(wiring.Component):
 
     def elaborate(self, platform) -> Module:
         m = Module()
-        for name, counter in count_events(m, self.events, self.counter_width).items():
-            m.d.comb += getattr(self, name).eq(counter)
+        count_events(m, self.events, self, self.counter_width)
         m.submodules.queue = queue = fifo.SyncFIFOBuffered(
             width=ResponseEntry.as_shape().size, depth=self.queue_depth)
         m.submodules.rx_crc = rx_crc = _crc_parameters().create()

@@ -514,8 +514,7 @@ class LinkEngine(wiring.Component):
         events = self.status.events
         m.d.sync += [events.aborts.eq(aborted),
                      *(events[name].eq(strobe) for name, strobe in incr.items())]
-        for name, counter in count_events(m, events, self.counter_width).items():
-            m.d.comb += getattr(self.status, name).eq(counter)
+        count_events(m, events, self.status, self.counter_width)
         m.d.comb += [
             self.status.state.eq(Mux(incompatible, LinkState.INCOMPATIBLE,
                                      Mux(up, LinkState.UP, Mux(seen, LinkState.INIT, LinkState.DOWN)))),

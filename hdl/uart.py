@@ -90,8 +90,7 @@ class UARTReceiver(wiring.Component):
     def elaborate(self, platform) -> Module:
         m = Module()
         d = self.divisor
-        for name, counter in count_events(m, self.events, self.counter_width).items():
-            m.d.comb += getattr(self, name).eq(counter)
+        count_events(m, self.events, self, self.counter_width)
 
         rx = Signal(init=1)
         m.submodules.sync = FFSynchronizer(self.rx, rx, init=1)
