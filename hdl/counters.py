@@ -11,11 +11,12 @@ instead and adds events to them with a single adder::
 Every counter has a small *pending* accumulator that takes its events every cycle. A
 scanner visits the counters in turn: it reads counter ``i``, moves ``pending[i]`` into the
 addition (the accumulator restarts from the events of that cycle, so nothing is lost), and
-writes the sum back in the next cycle. The register bus borrows the RAM's read port for
-one cycle per access; the scanner then waits a cycle.
+writes the sum back two cycles later (the RAM's output goes into a flip-flop before the
+adder: a block RAM's data arrives late in its cycle). The register bus borrows the RAM's
+read port for one cycle per access; the scanner then waits a cycle.
 
 Reads therefore lag: a counter read returns the count as it was at most
-``2 * len(counters) + 3`` cycles earlier (a few microseconds; a host read over the UART
+``2 * len(counters) + 4`` cycles earlier (a few microseconds; a host read over the UART
 takes far longer). Counts are never lost and never go backwards. After a reset the scanner
 first sweeps the RAM to zero (reads during the sweep can return the old counts).
 """
@@ -40,8 +41,8 @@ class CounterBank(wiring.Component):
     """Wrapping event counters in block RAM, answering register-bus reads.
 
     Accepts a request only when none is in flight (the bus protocol has requesters wait for
-    each response anyway) and answers it two cycles later, like the
-    :class:`~epochlink.hdl.regbank.RegisterBank`. A read returns the counter; a write
+    each response anyway) and answers it three cycles later, the counter read from a
+    flip-flop. A read returns the counter; a write
     changes nothing and answers ``READ_ONLY`` with the counter's value; an address that is
     not one of the counters answers ``BAD_ADDRESS``.
 
@@ -76,9 +77,9 @@ class CounterBank(wiring.Component):
         self.counters = counters
         self.width = width
         #: Upper bound on the cycles between two visits of the scanner to one counter.
-        self.scan_period = 2 * max(len(counters), 2) + 2
+        self.scan_period = 2 * max(len(counters), 3) + 2
         #: Upper bound on how many cycles a counter read lags the events.
-        self.read_lag = self.scan_period + 1
+        self.read_lag = self.scan_period + 2
         super().__init__({
             "bus": In(bus_signature()),
             "events": In(data.StructLayout({name: inc for name, _, inc in counters})),
@@ -100,40 +101,46 @@ class CounterBank(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        depth = max(len(self.counters), 2)   # the scanner never reads the word it writes
+        depth = max(len(self.counters), 3)   # the scanner never reads a word it is about to write
         m.submodules.ram = ram = Memory(shape=unsigned(self.width), depth=depth, init=[])
         rd = ram.read_port()
         wr = ram.write_port()
 
-        # ---- bus: one request at a time; the cycle after acceptance it owns the read port
+        # ---- bus: one request at a time; the cycle after acceptance it owns the read port,
+        # the next one the data is registered, and the one after that it is answered.
         req, rsp = self.bus.req, self.bus.rsp
         taken = Signal()
+        fetched = Signal()
         request = Signal.like(req.payload)
-        m.d.comb += req.ready.eq(~taken & ~rsp.valid)
-        m.d.sync += [taken.eq(req.valid & req.ready), rsp.valid.eq(taken)]
+        m.d.comb += req.ready.eq(~taken & ~fetched & ~rsp.valid)
+        m.d.sync += [taken.eq(req.valid & req.ready), fetched.eq(taken), rsp.valid.eq(fetched)]
         with m.If(req.valid & req.ready):
             m.d.sync += request.eq(req.payload)
 
+        # The address is decoded as the request is accepted: the cycle that owns the read
+        # port only selects the registered index.
         hit = Signal()
         index = Signal(range(depth))
-        with m.Switch(request.addr):
+        with m.Switch(req.payload.addr):
             for i, (_, address, _) in enumerate(self.counters):
                 with m.Case(address):
                     m.d.comb += [hit.eq(1), index.eq(i)]
         hit_r = Signal()
-        with m.If(taken):
+        index_r = Signal.like(index)
+        with m.If(req.valid & req.ready):
+            m.d.sync += [hit_r.eq(hit), index_r.eq(index)]
+        with m.If(fetched):
             m.d.sync += [
-                hit_r.eq(hit),
-                rsp.payload.status.eq(Mux(~hit, BusStatus.BAD_ADDRESS,
+                rsp.payload.status.eq(Mux(~hit_r, BusStatus.BAD_ADDRESS,
                                           Mux(request.write, BusStatus.READ_ONLY, BusStatus.OK))),
+                rsp.payload.rdata.eq(Mux(hit_r, rd.data, 0)),
             ]
-        m.d.comb += rsp.payload.rdata.eq(Mux(hit_r, rd.data, 0))
 
         # ---- scanner: read counter `scan` (unless the bus has the port), add its pending
         # amount and write the sum back in the next cycle.
         scan = Signal(range(depth))
         step = Signal()
-        m.d.comb += [step.eq(~taken), rd.addr.eq(Mux(taken, index, scan))]
+        m.d.comb += [step.eq(~taken), rd.addr.eq(Mux(taken, index_r, scan))]
         with m.If(step):
             m.d.sync += scan.eq(Mux(scan == depth - 1, 0, scan + 1))
 
@@ -169,9 +176,16 @@ class CounterBank(wiring.Component):
             visited |= Mux(visiting[i], acc, 0)
         m.d.sync += [s_valid.eq(step), s_index.eq(scan), s_amount.eq(visited),
                      s_clear.eq(clearing)]
+        # one more stage: the counter read into a flip-flop, then the addition and the write
+        w_valid = Signal()
+        w_index = Signal.like(s_index)
+        w_amount = Signal.like(s_amount)
+        w_count = Signal(self.width)
+        m.d.sync += [w_valid.eq(s_valid), w_index.eq(s_index), w_amount.eq(s_amount),
+                     w_count.eq(Mux(s_clear, 0, rd.data))]
         m.d.comb += [
-            wr.en.eq(s_valid),
-            wr.addr.eq(s_index),
-            wr.data.eq(Mux(s_clear, 0, rd.data) + s_amount),
+            wr.en.eq(w_valid),
+            wr.addr.eq(w_index),
+            wr.data.eq(w_count + w_amount),
         ]
         return m

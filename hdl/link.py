@@ -142,6 +142,9 @@ class _Serializer(Elaboratable):
         small = Signal(HELLO_LEN * 8)
         index = Signal(8)
         byte = Signal(8)
+        # Payload bytes are read two ahead and pass through `staged`: a block RAM's output
+        # (slow to appear after the clock edge) ends in a flip-flop, not in the CRC.
+        staged = Signal(8)
 
         tx = self.phy_tx
         accepted = tx.valid & tx.ready
@@ -174,14 +177,15 @@ class _Serializer(Elaboratable):
             with m.State("SEQ"):
                 m.d.comb += [self.busy.eq(1), tx.valid.eq(1), byte.eq(seq), fcs.valid.eq(accepted)]
                 with m.If(accepted):
+                    m.d.comb += [self.buf_en.eq(1), self.buf_addr.eq(slot * self._max_payload),
+                                 self.read_index.eq(0)]
                     m.next = "LEN"
             with m.State("LEN"):
                 m.d.comb += [self.busy.eq(1), tx.valid.eq(1), byte.eq(length), fcs.valid.eq(accepted)]
                 with m.If(accepted):
-                    # Prefetch the first payload byte from the buffer.
-                    m.d.comb += [self.buf_en.eq(1), self.buf_addr.eq(slot * self._max_payload),
-                                 self.read_index.eq(0)]
-                    m.d.sync += index.eq(0)
+                    m.d.comb += [self.buf_en.eq(1), self.buf_addr.eq(slot * self._max_payload + 1),
+                                 self.read_index.eq(1)]
+                    m.d.sync += [index.eq(0), staged.eq(self.buf_data)]
                     with m.If(length == 0):
                         m.next = "CCUR"
                     with m.Else():
@@ -190,11 +194,11 @@ class _Serializer(Elaboratable):
                 is_data = type_byte[:4] == FrameType.DATA
                 small_bytes = Array(small[8 * i:8 * i + 8] for i in range(HELLO_LEN))
                 m.d.comb += [self.busy.eq(1), tx.valid.eq(1), fcs.valid.eq(accepted),
-                             byte.eq(Mux(is_data, self.buf_data, small_bytes[index[:exact_log2(HELLO_LEN)]]))]
+                             byte.eq(Mux(is_data, staged, small_bytes[index[:exact_log2(HELLO_LEN)]]))]
                 with m.If(accepted):
-                    m.d.comb += [self.buf_en.eq(1), self.buf_addr.eq(slot * self._max_payload + index + 1),
-                                 self.read_index.eq(index + 1)]
-                    m.d.sync += index.eq(index + 1)
+                    m.d.comb += [self.buf_en.eq(1), self.buf_addr.eq(slot * self._max_payload + index + 2),
+                                 self.read_index.eq(index + 2)]
+                    m.d.sync += [index.eq(index + 1), staged.eq(self.buf_data)]
                     with m.If(index == length - 1):
                         m.next = "CCUR"
             with m.State("CCUR"):
@@ -546,8 +550,8 @@ class LinkEngine(wiring.Component):
         in_slot = slot_of(tx_next)
         m.d.comb += [txb_w.addr.eq(in_slot * MAXP + in_index)]
         # Cut-through (ctrl messages with a length hint): the DATA frame of slot tx_next may
-        # start while the message is taken in. The serializer reads payload byte j five
-        # cycles after the frame starts plus j; if a byte is not stored by then, the message
+        # start while the message is taken in. The serializer reads payload byte j four
+        # bytes into the frame plus j; if a byte is not stored by then, the message
         # turns out another length, or it is aborted, the frame is poisoned (its FCS goes out
         # inverted, the receiver drops it) and the message is sent again once it is whole.
         ct_hint = Signal(8)         # the hint taken with the first byte (0: none)
@@ -896,6 +900,11 @@ class LinkEngine(wiring.Component):
         # digest lookups by SEQ, ready long before the frame ends
         m.d.comb += [txd_r.addr.eq(slot_of(dfr.seq_now)), txd_r.en.eq(dfr.seq_valid),
                      rxd_r.addr.eq(slot_of(dfr.seq_now)), rxd_r.en.eq(dfr.seq_valid)]
+        # ... and passed through flip-flops (a block RAM's output arrives late in the cycle;
+        # the read ports hold their data until the next frame's SEQ, at least 3 cycles
+        # after this frame's p2).
+        tx_digest, rx_digest = Signal(32), Signal(32)
+        m.d.sync += [tx_digest.eq(txd_r.data), rx_digest.eq(rxd_r.data)]
 
         f_type, f_seq, f_len = dfr.type, dfr.seq, dfr.length
         f_slot = slot_of(f_seq)
@@ -931,7 +940,7 @@ class LinkEngine(wiring.Component):
         c_in_window = check("in_window", data_in_window)
         c_held = check("held", rx_valid.bit_select(f_slot, 1))
         c_refl_ok = check("refl_ok", refl_live & ~reflected.bit_select(f_slot, 1) & sent.bit_select(f_slot, 1))
-        c_digest_ok = check("digest_ok", dfr.small[:32] == txd_r.data)
+        c_digest_ok = check("digest_ok", dfr.small[:32] == tx_digest)
         # The wire keeps order: anything sent before this transfer and still unreflected
         # was lost.
         order = tx_order[f_slot]
@@ -1067,7 +1076,7 @@ class LinkEngine(wiring.Component):
                                      reflect_q.w_en.eq(1)]
                     with m.Elif(c_held):
                         # Held already: reflect what we hold, not what just arrived.
-                        m.d.comb += [reflect_q.w_data.eq(Cat(f_seq, rxd_r.data)), reflect_q.w_en.eq(1)]
+                        m.d.comb += [reflect_q.w_data.eq(Cat(f_seq, rx_digest)), reflect_q.w_en.eq(1)]
                 with m.Else():
                     m.d.comb += incr["duplicates"].eq(1)
             with m.If(c_reflect & c_refl_ok):

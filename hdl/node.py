@@ -18,11 +18,12 @@ from amaranth import *
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from .common import forward_status, message_signature, phy_rx_signature, phy_tx_signature
+from .common import MessageByte, forward_status, message_signature, phy_rx_signature, phy_tx_signature
 from .epoch import EpochCommand, EpochEngine, EpochResponse, EpochStatusSignature
 from .fence import FENCE_EVENTS, EpochFence, EpochTagger
 from .frame import LinkState
-from .link import LinkEngine, LinkStatusSignature
+from .link import CtrlByte, LinkEngine, LinkStatusSignature
+from .pipeline import PipelineRegister
 
 __all__ = ["NICNode"]
 
@@ -98,9 +99,16 @@ class NICNode(wiring.Component):
                 link.ctrl_len.eq(engine.ctrl_out_len[p] if self.cut_through else 0),
             ]
             wiring.connect(m, engine.ctrl_out[p], link.ctrl_in)
-            wiring.connect(m, link.ctrl_out, engine.ctrl_in[p])
-            wiring.connect(m, link.phy_tx, wiring.flipped(self.phy_tx[p]))
-            m.d.comb += [link.phy_rx.valid.eq(self.phy_rx[p].valid),
+            # Register stages on what leaves a link engine: its receive decisions and its
+            # transmit buffer read end in flip-flops, not in the epoch engine or the PHY.
+            m.submodules[f"ctrl_reg{p}"] = ctrl_reg = PipelineRegister(CtrlByte)
+            wiring.connect(m, link.ctrl_out, ctrl_reg.i)
+            wiring.connect(m, ctrl_reg.o, engine.ctrl_in[p])
+            m.submodules[f"tx_reg{p}"] = tx_reg = PipelineRegister(8)
+            wiring.connect(m, link.phy_tx, tx_reg.i)
+            wiring.connect(m, tx_reg.o, wiring.flipped(self.phy_tx[p]))
+            # (received bytes are registered too: the frame decoder starts from flip-flops)
+            m.d.sync += [link.phy_rx.valid.eq(self.phy_rx[p].valid),
                          link.phy_rx.payload.eq(self.phy_rx[p].payload)]
             forward_status(m, link.status, self.link[p])
 
@@ -113,6 +121,8 @@ class NICNode(wiring.Component):
                          self.fence_events[p].eq(fence.events)]
             wiring.connect(m, wiring.flipped(self.payload_in[p]), tagger.i)
             wiring.connect(m, tagger.o, link.payload_in)
-            wiring.connect(m, link.payload_out, fence.i)
+            m.submodules[f"payload_reg{p}"] = payload_reg = PipelineRegister(MessageByte)
+            wiring.connect(m, link.payload_out, payload_reg.i)
+            wiring.connect(m, payload_reg.o, fence.i)
             wiring.connect(m, fence.o, wiring.flipped(self.payload_out[p]))
         return m

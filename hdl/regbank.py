@@ -19,7 +19,7 @@ single field at bit 0 has a plain unsigned port; one with several fields has a
 fields (``bank.port[0].control.enable``).
 """
 
-from amaranth import Module, Signal, Value, unsigned
+from amaranth import Cat, Const, Module, Mux, Signal, Value, unsigned
 from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -62,7 +62,7 @@ def bus_signature() -> wiring.Signature:
 
     ``req`` carries requests (valid/ready). ``rsp`` returns exactly one response per
     accepted request, in order; it cannot be stalled, so the requester must be able to take
-    it. The :class:`RegisterBank` answers two cycles after accepting a request; other
+    it. The :class:`RegisterBank` answers three cycles after accepting a request; other
     responders (:class:`~epochlink.hdl.epoch_regs.EpochRegisters`) take longer, so a
     requester waits for the response before its next request.
     """
@@ -113,8 +113,8 @@ def block_signature(block: Block, serve_counters: bool = True) -> wiring.Signatu
 class RegisterBank(wiring.Component):
     """Register bank built from a :class:`~epochlink.registers.RegisterMap`.
 
-    Accepts one request per cycle (``bus.req.ready`` is always 1) and answers it two cycles
-    later on ``bus.rsp`` (the request is registered, then executed). Command registers
+    Accepts one request per cycle (``bus.req.ready`` is always 1) and answers it three cycles
+    later on ``bus.rsp`` (the request is registered, decoded, then executed). Command registers
     (``Register.command``) are not in the bank: they answer ``BAD_ADDRESS`` here, and a NIC
     routes them to the epoch engine instead. With ``serve_counters=False`` the same holds for
     counter registers (``Register.counter``), which a NIC keeps in a
@@ -195,10 +195,18 @@ class RegisterBank(wiring.Component):
         addr, write, wdata = request.addr, request.write, request.wdata
 
         m.d.comb += req.ready.eq(1)
-        m.d.sync += rsp.valid.eq(taken)
+        # ... and decoded into a one-hot selection in the next cycle; the cycle after that
+        # reads the selected register (an AND-OR tree) and applies a write.
+        served = [inst for inst in self.regmap if _served(inst.register, self.serve_counters)]
+        decoded = Signal()
+        select = Signal(len(served))
+        m.d.sync += [decoded.eq(taken), rsp.valid.eq(decoded)]
+        write_d, wdata_d = Signal(), Signal(32)
+        with m.If(taken):
+            m.d.sync += [select.eq(Cat(addr == inst.address for inst in served)),
+                         write_d.eq(write), wdata_d.eq(wdata)]
 
         # Hardware-side behaviour that happens regardless of the bus.
-        served = [inst for inst in self.regmap if _served(inst.register, self.serve_counters)]
         for inst in served:
             reg = inst.register
             if reg.access is Access.RW:
@@ -208,22 +216,25 @@ class RegisterBank(wiring.Component):
                 setb = Value.cast(self.hw_set(inst.name)) & reg.mask
                 m.d.sync += value.eq(value | setb)
 
-        with m.If(taken):
-            with m.Switch(addr):
-                for inst in served:
-                    reg = inst.register
-                    with m.Case(inst.address):
-                        if reg.constant:
-                            current = Value.cast(self.regmap.reset(inst))
-                        else:
-                            current = Value.cast(self.hw_port(inst.name)) & reg.mask
-                        m.d.sync += [rsp.payload.rdata.eq(current),
-                                     rsp.payload.status.eq(BusStatus.OK)]
-                        with m.If(write):
-                            self._write(m, inst, current, wdata)
-                with m.Default():
-                    m.d.sync += [rsp.payload.rdata.eq(0),
-                                 rsp.payload.status.eq(BusStatus.BAD_ADDRESS)]
+        with m.If(decoded):
+            rdata = Const(0, 32)
+            for i, inst in enumerate(served):
+                reg = inst.register
+                if reg.constant:
+                    current = Value.cast(self.regmap.reset(inst))
+                else:
+                    current = Value.cast(self.hw_port(inst.name)) & reg.mask
+                rdata = rdata | Mux(select[i], current, 0)
+            m.d.sync += [rsp.payload.rdata.eq(rdata),
+                         rsp.payload.status.eq(Mux(select.any(), BusStatus.OK, BusStatus.BAD_ADDRESS))]
+            for i, inst in enumerate(served):
+                reg = inst.register
+                if reg.constant:
+                    current = Value.cast(self.regmap.reset(inst))
+                else:
+                    current = Value.cast(self.hw_port(inst.name)) & reg.mask
+                with m.If(select[i] & write_d):
+                    self._write(m, inst, current, wdata_d)
         return m
 
     def _write(self, m: Module, inst: RegisterInstance, current: Value, wdata: Value) -> None:

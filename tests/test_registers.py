@@ -183,7 +183,8 @@ def test_bank_rules_ports_and_strobes():
             status, rdata, strobe = await bus_access(ctx, bank, addr, write, wdata,
                                                      watch=bank.hw_strobe("LIMITED"))
             log.append((addr, write, wdata, status.value, rdata, strobe))
-        # strobe: one cycle, together with the new value (the request is registered first)
+        # strobe: one cycle, together with the new value (the request is registered and
+        # decoded first)
         req = bank.bus.req
         ctx.set(req.valid, 1)
         ctx.set(req.payload.addr, 0x10)
@@ -191,6 +192,8 @@ def test_bank_rules_ports_and_strobes():
         ctx.set(req.payload.wdata, 7)
         await ctx.tick()
         ctx.set(req.valid, 0)
+        assert ctx.get(bank.hw_strobe("LIMITED")) == 0
+        await ctx.tick()
         assert ctx.get(bank.hw_strobe("LIMITED")) == 0
         await ctx.tick()
         assert ctx.get(bank.hw_strobe("LIMITED")) == 1 and ctx.get(port.count) == 7
@@ -208,6 +211,7 @@ def test_bank_rules_ports_and_strobes():
         ctx.set(req.payload.wdata, 0b10011)
         await ctx.tick()
         ctx.set(req.valid, 0)
+        await ctx.tick()
         ctx.set(Value.cast(setp), 0b00010)       # in the cycle the clear is executed
         await ctx.tick()
         ctx.set(Value.cast(setp), 0)
