@@ -105,11 +105,12 @@ class _Serializer(Elaboratable):
         self.phy_tx = phy_tx_signature().create()
         self.start = Signal()       # in: pulse while idle to send a frame
         self.busy = Signal()        # out
-        self.type_byte = Signal(8)  # in, sampled at start
+        # in, held from `start` until `done` (registers of the scheduler, not copied here):
+        self.type_byte = Signal(8)
         self.seq = Signal(8)
         self.length = Signal(8)
         self.slot = Signal(slot_bits)
-        self.small = Signal(HELLO_LEN * 8)  # in, sampled at start: REFLECT/HELLO payload bytes
+        self.small = Signal(HELLO_LEN * 8)  # REFLECT/HELLO payload bytes
         self.ccur = Signal(8)       # in, live: sampled when the trailer is sent
         self.dcur = Signal(8)
         self.sent_ccur = Signal(8)  # out: last cursors put on the wire
@@ -130,16 +131,12 @@ class _Serializer(Elaboratable):
         m.submodules.crc = fcs = crc.catalog.CRC32_ETHERNET(8).create()
 
         bad = Signal()              # poisoned: the FCS goes out inverted
-        with m.If(self.start):
-            m.d.sync += bad.eq(self.poison)
+        with m.If(self.done):
+            m.d.sync += bad.eq(0)
         with m.Elif(self.poison):
             m.d.sync += bad.eq(1)
 
-        type_byte = Signal(8)
-        seq = Signal(8)
-        length = Signal(8)
-        slot = Signal(self._slot_bits)
-        small = Signal(HELLO_LEN * 8)
+        type_byte, seq, length, slot, small = self.type_byte, self.seq, self.length, self.slot, self.small
         index = Signal(8)
         byte = Signal(8)
         # Payload bytes are read two ahead and pass through `staged`: a block RAM's output
@@ -157,9 +154,6 @@ class _Serializer(Elaboratable):
         with m.FSM():
             with m.State("IDLE"):
                 with m.If(self.start):
-                    m.d.sync += [type_byte.eq(self.type_byte), seq.eq(self.seq),
-                                 length.eq(self.length), slot.eq(self.slot),
-                                 small.eq(self.small)]
                     m.next = "SYNC0"
             with m.State("SYNC0"):
                 m.d.comb += [self.busy.eq(1), tx.valid.eq(1), byte.eq(SYNC[0])]
@@ -835,34 +829,42 @@ class LinkEngine(wiring.Component):
         m.d.comb += announced.eq((self.ctrl_len != 0) & ~self.ctrl_in.valid &
                                  (hold_timer != EXPECT_CYCLES))
         held = Signal()         # comb: the scheduler would start a frame but for `announced`
-        with m.If(ser.start):
+        # The scheduler's choice and the frame's fields are registered: the serializer starts
+        # the cycle after it (`ser.start`) from those registers, so none of the deciding logic
+        # reaches the serializer in the same cycle. Its side effects (the send state, the
+        # reflect queue) take effect at the choice, as the frame is then certain to go.
+        start = Signal()        # comb: a frame is chosen now
+        m.d.sync += ser.start.eq(start)
+        with m.If(start):
             m.d.sync += hold_timer.eq(0)
         with m.Elif(held):
             m.d.sync += hold_timer.eq(hold_timer + 1)
 
         sending_data = Signal()
-        with m.If(~ser.busy & self.enable & ~p1):
+        with m.If(~ser.busy & ~ser.start & self.enable & ~p1):
             with m.If(hello_due & ~up):
-                m.d.comb += [ser.start.eq(1), ser.type_byte.eq(FrameType.HELLO),
+                m.d.comb += start.eq(1)
+                m.d.sync += [ser.type_byte.eq(FrameType.HELLO), ser.seq.eq(0),
                              ser.length.eq(HELLO_LEN), ser.small.eq(hello_fields)]
                 m.d.sync += hello_due.eq(0)
             with m.Elif(up & ct_ready):
                 # cut-through: the ctrl message being taken in goes out as it arrives (before
                 # a REFLECT: the ctrl message is what a neighbour's epoch engine waits for)
-                m.d.comb += [ser.start.eq(1), ct_start.eq(1),
-                             ser.type_byte.eq(FrameType.DATA | FLAG_CTRL),
+                m.d.comb += [start.eq(1), ct_start.eq(1)]
+                m.d.sync += [ser.type_byte.eq(FrameType.DATA | FLAG_CTRL),
                              ser.seq.eq(tx_next), ser.slot.eq(in_slot), ser.length.eq(ct_len_now)]
                 drive("sent_set", bit=in_slot)
                 m.d.sync += [tx_order[in_slot].eq(send_count), send_count.eq(send_count + 1)]
             with m.Elif(up & reflect_q.r_rdy & ~announced):
-                m.d.comb += [ser.start.eq(1), ser.type_byte.eq(FrameType.REFLECT),
+                m.d.comb += [start.eq(1), reflect_q.r_en.eq(1)]
+                m.d.sync += [ser.type_byte.eq(FrameType.REFLECT),
                              ser.seq.eq(reflect_q.r_data[:8]), ser.length.eq(REFLECT_LEN),
-                             ser.small.eq(reflect_q.r_data[8:]), reflect_q.r_en.eq(1)]
+                             ser.small.eq(reflect_q.r_data[8:])]
             with m.Elif(up & (need_send != 0) & ~announced):
-                m.d.comb += [ser.start.eq(1), sending_data.eq(1),
-                             ser.type_byte.eq(FrameType.DATA | Mux(tx_ctrl.bit_select(data_slot, 1), FLAG_CTRL, 0)),
-                             ser.seq.eq(data_seq), ser.slot.eq(data_slot), ser.length.eq(tx_len[data_slot]),
+                m.d.comb += [start.eq(1), sending_data.eq(1),
                              incr["retransmits"].eq(sent.bit_select(data_slot, 1))]
+                m.d.sync += [ser.type_byte.eq(FrameType.DATA | Mux(tx_ctrl.bit_select(data_slot, 1), FLAG_CTRL, 0)),
+                             ser.seq.eq(data_seq), ser.slot.eq(data_slot), ser.length.eq(tx_len[data_slot])]
                 drive("need_clr", bit=data_slot)
                 drive("sent_set", bit=data_slot)
                 m.d.sync += [tx_order[data_slot].eq(send_count), send_count.eq(send_count + 1)]
@@ -870,25 +872,24 @@ class LinkEngine(wiring.Component):
                         ~announced):
                 # (not while a ctrl message is being taken in: its DATA frame follows at once
                 # and carries the cursors; a SIGNAL started now would delay it a whole frame)
-                m.d.comb += [ser.start.eq(1), ser.type_byte.eq(FrameType.SIGNAL | Mux(probe_due, FLAG_PROBE, 0)),
-                             ser.length.eq(0)]
+                m.d.comb += start.eq(1)
+                m.d.sync += [ser.type_byte.eq(FrameType.SIGNAL | Mux(probe_due, FLAG_PROBE, 0)),
+                             ser.seq.eq(0), ser.length.eq(0)]
                 m.d.sync += [probe_due.eq(0), probe_reply_due.eq(0)]
             with m.Elif(up & announced & (reflect_q.r_rdy | (need_send != 0) | cursors_dirty | probe_due |
                                           probe_reply_due | heartbeat_due)):
                 m.d.comb += held.eq(1)
-        with m.If(ser.start):
+        with m.If(start):
             m.d.comb += incr["frames_tx"].eq(1)
-        # the digest of each DATA frame as sent, for checking its REFLECT
-        digest_slot = Signal(slot_bits)
-        with m.If(ser.start):
-            m.d.sync += digest_slot.eq(ser.slot)
-        m.d.comb += [txd_w.addr.eq(digest_slot), txd_w.data.eq(ser.digest), txd_w.en.eq(ser.digest_we)]
+        # the digest of each DATA frame as sent, for checking its REFLECT (`ser.slot` holds
+        # the frame's slot until the next frame is chosen)
+        m.d.comb += [txd_w.addr.eq(ser.slot), txd_w.data.eq(ser.digest), txd_w.en.eq(ser.digest_we)]
 
-        with m.If(ser.start | ~self.enable):
+        with m.If(start | ~self.enable):
             m.d.sync += idle_timer.eq(0)
         with m.Elif(idle_timer < max(self.idle_cycles, self.hello_cycles)):
             m.d.sync += idle_timer.eq(idle_timer + 1)
-        with m.If(~up & self.enable & (idle_timer >= self.hello_cycles) & ~ser.start):
+        with m.If(~up & self.enable & (idle_timer >= self.hello_cycles) & ~start):
             m.d.sync += hello_due.eq(1)
 
         # ---- receive processing ------------------------------------------------------------
