@@ -217,23 +217,16 @@ class RegisterBank(wiring.Component):
                 m.d.sync += value.eq(value | setb)
 
         with m.If(decoded):
+            currents = [Value.cast(self.regmap.reset(inst)) if inst.register.constant
+                        else Value.cast(self.hw_port(inst.name)) & inst.register.mask
+                        for inst in served]
             rdata = Const(0, 32)
-            for i, inst in enumerate(served):
-                reg = inst.register
-                if reg.constant:
-                    current = Value.cast(self.regmap.reset(inst))
-                else:
-                    current = Value.cast(self.hw_port(inst.name)) & reg.mask
-                rdata = rdata | Mux(select[i], current, 0)
+            for selected, current in zip(select, currents):
+                rdata = rdata | Mux(selected, current, 0)
             m.d.sync += [rsp.payload.rdata.eq(rdata),
                          rsp.payload.status.eq(Mux(select.any(), BusStatus.OK, BusStatus.BAD_ADDRESS))]
-            for i, inst in enumerate(served):
-                reg = inst.register
-                if reg.constant:
-                    current = Value.cast(self.regmap.reset(inst))
-                else:
-                    current = Value.cast(self.hw_port(inst.name)) & reg.mask
-                with m.If(select[i] & write_d):
+            for selected, current, inst in zip(select, currents, served):
+                with m.If(selected & write_d):
                     self._write(m, inst, current, wdata_d)
         return m
 

@@ -8,6 +8,14 @@ from epochlink.hdl.common import MessageByte
 from epochlink.hdl.pipeline import PipelineRegister
 
 
+def simulate(stage, *benches):
+    sim = Simulator(stage)
+    sim.add_clock(1e-6)
+    for bench in benches:
+        sim.add_testbench(bench)
+    sim.run()
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_passes_every_transfer_in_order_under_random_stalls(seed):
     rng = random.Random(seed)
@@ -35,11 +43,7 @@ def test_passes_every_transfer_in_order_under_random_stalls(seed):
             if valid and ready:
                 received.append((data, last))
 
-    sim = Simulator(stage)
-    sim.add_clock(1e-6)
-    sim.add_testbench(producer)
-    sim.add_testbench(consumer)
-    sim.run()
+    simulate(stage, producer, consumer)
     assert received == sent
 
 
@@ -59,10 +63,7 @@ def test_full_throughput_and_one_cycle_latency():
         await ctx.tick()
         assert not ctx.get(stage.o.valid)
 
-    sim = Simulator(stage)
-    sim.add_clock(1e-6)
-    sim.add_testbench(bench)
-    sim.run()
+    simulate(stage, bench)
     assert seen == [(1, v) for v in range(1, 11)]
 
 
@@ -90,7 +91,4 @@ def test_outputs_and_ready_come_from_flip_flops():
         await ctx.tick()
         assert not ctx.get(stage.o.valid)
 
-    sim = Simulator(stage)
-    sim.add_clock(1e-6)
-    sim.add_testbench(bench)
-    sim.run()
+    simulate(stage, bench)
