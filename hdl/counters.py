@@ -137,7 +137,7 @@ class CounterBank(wiring.Component):
             ]
 
         # ---- scanner: read counter `scan` (unless the bus has the port), add its pending
-        # amount and write the sum back in the next cycle.
+        # amount and write the sum back two cycles later.
         scan = Signal(range(depth))
         step = Signal()
         m.d.comb += [step.eq(~taken), rd.addr.eq(Mux(taken, index_r, scan))]
