@@ -257,14 +257,10 @@ class EpochEngine(wiring.Component):
         m.d.sync += up_prev.eq(up)
 
         # ---- the central sequencer -----------------------------------------------------
-        # Commands, received messages and the two scans take turns and share one W-bit
-        # comparator, ``lt = a < b`` with a in {value, acc, message fields} and b in
-        # {PERSISTED, COMMITTED, sent, child report}. Where ties do not matter, ``~lt``
-        # serves as ``b <= a``.
-        cmp_a = Signal(W)
-        cmp_b = Signal(W)
-        lt = Signal()
-        m.d.comb += lt.eq(cmp_a < cmp_b)
+        # Commands, received messages and the two scans take turns. Each operand pair has a
+        # comparator of its own (``lt = a < b``; where ties do not matter, ``~lt`` serves as
+        # ``b <= a``): one comparator shared behind operand multiplexers was the longest path
+        # of the ECP5 build (state, multiplexers, carry chain, state).
 
         # A command stays on ``cmd`` (ready low) until its response is taken.
         c = self.cmd.payload
@@ -304,6 +300,8 @@ class EpochEngine(wiring.Component):
             t = kind_byte & TYPE_MASK
             return ((t == MsgType.REPORT) | (t == MsgType.COMMIT)) & ~(kind_byte & RESERVED_BIT).any()
 
+        m_above = Signal()          # COMMITTED < the message's COMMITTED field, a cycle old
+        m.d.sync += m_above.eq(committed < m_com)
         acc = Signal(W)
         acc_ok = Signal()
         vacc = Signal(V)
@@ -318,7 +316,7 @@ class EpochEngine(wiring.Component):
             """One step of the REPORT scan: fold CHILD ``port``'s report into ``acc`` (min)
             and its version into ``vacc``; a CHILD that has not reported yet makes the scan
             invalid (``acc_ok``)."""
-            m.d.comb += [cmp_a.eq(acc), cmp_b.eq(rep)]
+            lt = acc < rep
             with m.If(is_child.bit_select(port, 1) & also):
                 with m.If(~heard.bit_select(port, 1)):
                     m.d.sync += acc_ok.eq(0)
@@ -419,7 +417,7 @@ class EpochEngine(wiring.Component):
 
             # -- host commands (the memory returns PERSISTED[index] from here on) ----------
             with m.State("CMD"):
-                m.d.comb += [cmp_a.eq(c.value), cmp_b.eq(rd.data)]
+                lt = c.value < rd.data
                 with m.Switch(c.op):
                     with m.Case(Op.PERSIST):
                         with m.If(~dom_ok):
@@ -490,13 +488,15 @@ class EpochEngine(wiring.Component):
 
             # ENABLE: a domain must not come in below anything this node has vouched for.
             with m.State("FLOOR"):
-                m.d.comb += [hold.eq(1), cmp_a.eq(c.value), cmp_b.eq(committed)]
+                m.d.comb += hold.eq(1)
+                lt = c.value < committed
                 with m.If(lt):
                     respond(CmdStatus.LOWER)
                 with m.Else():
                     m.next = "FLOOR_SENT"
             with m.State("FLOOR_SENT"):
-                m.d.comb += [hold.eq(1), cmp_a.eq(c.value), cmp_b.eq(sent)]
+                m.d.comb += hold.eq(1)
+                lt = c.value < sent
                 with m.If(lt):
                     respond(CmdStatus.LOWER)
                 with m.Else():
@@ -543,26 +543,26 @@ class EpochEngine(wiring.Component):
                                 m.d.sync += pre.eq(PRE_MERGE)
                         with m.Case(PRE_MERGE):
                             # (once the EPOCH field is in) max-merge with the port's report
-                            m.d.comb += [cmp_a.eq(m_epoch), cmp_b.eq(idx_rep)]
+                            lt = m_epoch < idx_rep
                             with m.If(rx_cnt > rx_elen):
                                 m.d.sync += [s_merged.eq(Mux(~heard.bit_select(idx, 1) | ~lt, m_epoch, idx_rep)),
                                              pre.eq(PRE_FOLD)]
                         with m.Case(PRE_FOLD):
-                            m.d.comb += [cmp_a.eq(acc), cmp_b.eq(s_merged)]
+                            lt = acc < s_merged
                             with m.If(~lt):
                                 m.d.sync += acc.eq(s_merged)
                             m.d.sync += pre.eq(PRE_FLOOR)
                         with m.Case(PRE_FLOOR):
                             # never below a REPORT already sent (as RDONE)
-                            m.d.comb += [cmp_a.eq(acc), cmp_b.eq(sent)]
+                            lt = acc < sent
                             m.d.sync += [s_report.eq(Mux(lt, sent, acc)),
                                          pre.eq(Mux(has_parent, PRE_DONE, PRE_ROOT))]
                         with m.Case(PRE_ROOT):
-                            m.d.comb += [cmp_a.eq(acc), cmp_b.eq(committed)]
+                            lt = acc < committed
                             m.d.sync += [r_ge.eq(~lt), pre.eq(PRE_CERT)]
                         with m.Case(PRE_CERT):
                             # (once the COMMITTED field is in)
-                            m.d.comb += [cmp_a.eq(acc), cmp_b.eq(m_com)]
+                            lt = acc < m_com
                             with m.If(rx_cnt > rx_elen + rx_clen):
                                 m.d.sync += [a_ge_m.eq(~lt), pre.eq(PRE_DONE)]
                 with m.If(rx_valid.bit_select(idx, 1) & rx_drop):
@@ -581,7 +581,7 @@ class EpochEngine(wiring.Component):
                         m.d.sync += rx_cnt.eq(rx_cnt + 1)
                     with m.If(rx_last):
                         fits = ((m_epoch | m_com) >> W) == 0 if W < 32 else Const(1)
-                        # a neighbour's COMMITTED is a certificate (own comparator)
+                        # a neighbour's COMMITTED is a certificate
                         m_gt = ~(m_com < committed) & (m_com != committed)
                         with m.If((rx_cnt != ver_at) | rx_bad):
                             m.d.comb += events.malformed.eq(1)
@@ -629,8 +629,10 @@ class EpochEngine(wiring.Component):
                     # with a drop): don't wait forever on anything else.
                     m.next = "IDLE"
             with m.State("RX"):
+                # (`m_above` is a cycle old: it compared the complete message with COMMITTED
+                # as the message's last byte came, and only RX writes COMMITTED after that)
                 # max-merge: a repeated or stale REPORT changes nothing
-                m.d.comb += [cmp_a.eq(m_epoch), cmp_b.eq(idx_rep)]
+                lt = m_epoch < idx_rep
                 fits = ((m_epoch | m_com) >> W) == 0 if W < 32 else Const(1)
                 from_child = (idx_role == Role.CHILD) & rx_report
                 from_parent = (idx_role == Role.PARENT) & ~rx_report
@@ -652,9 +654,8 @@ class EpochEngine(wiring.Component):
                 with m.Else():
                     m.d.comb += events.misrouted.eq(1)
                 with m.If(fits & (from_child | from_parent)):
-                    # a neighbour's COMMITTED is a certificate: adopt it (own comparator, so
-                    # that this takes no extra cycle)
-                    with m.If(~(m_com < committed) & (m_com != committed)):
+                    # a neighbour's COMMITTED is a certificate: adopt it
+                    with m.If(m_above):
                         m.d.sync += committed.eq(m_com)
                         m.d.comb += pend_kids.eq(1)
                     with m.If(rx_solicit):
@@ -677,8 +678,8 @@ class EpochEngine(wiring.Component):
             # -- LOCAL = min over enabled domains (memory read one cycle ahead) ------------
             with m.State("LSCAN"):
                 take = Signal()
+                lt = acc < rd.data
                 m.d.comb += [
-                    cmp_a.eq(acc), cmp_b.eq(rd.data),
                     take.eq((enabled >> idx)[0] & (~acc_ok | ~lt)),
                     rd.addr.eq(idx + 1),
                 ]
@@ -695,10 +696,12 @@ class EpochEngine(wiring.Component):
 
             # -- REPORT = min(LOCAL, reports of CHILD ports) -------------------------------
             # Without cut-through the floor and root comparisons get a cycle of their own
-            # (RFLOOR, RROOT): the shared comparator then never feeds the ports' pending flags
-            # in the same cycle, the longest path of that build.
+            # (RFLOOR, RROOT): a comparison then never feeds the ports' pending flags in the
+            # same cycle, once the longest path of that build.
             below_floor = Signal()      # RFLOOR: acc < sent
             below_committed = Signal()  # RROOT: acc < COMMITTED
+            acc_new = Signal()          # RFLOOR: acc != REPORT
+            sent_new = Signal()         # RFLOOR: sent != REPORT
             with m.State("RSCAN"):
                 scan_step(idx, idx_rep, idx_ver)
                 m.d.sync += idx.eq(idx + 1)
@@ -707,17 +710,22 @@ class EpochEngine(wiring.Component):
             if not self.cut_through:
                 with m.State("RFLOOR"):
                     # (no REPORT load meanwhile: ``sent`` stays what was compared)
-                    m.d.comb += [hold.eq(1), cmp_a.eq(acc), cmp_b.eq(sent)]
-                    m.d.sync += below_floor.eq(lt)
+                    m.d.comb += hold.eq(1)
+                    lt = acc < sent
+                    m.d.sync += [below_floor.eq(lt), acc_new.eq(acc != report), sent_new.eq(sent != report)]
                     m.next = "RDONE"
             with m.State("RDONE"):
                 # Never below a REPORT already sent: that one is still a valid bound, and the
                 # floor for ENABLE must not fall (only a ROLE rewrite could make REPORT drop).
                 if self.cut_through:
-                    m.d.comb += [cmp_a.eq(acc), cmp_b.eq(sent)]
+                    lt = acc < sent
                     m.d.comb += below_floor.eq(lt)
                 new_report = Mux(below_floor, sent, acc)
-                changed = ~report_valid | (new_report != report) | (vacc != ver_report)
+                if self.cut_through:
+                    report_new = new_report != report
+                else:
+                    report_new = Mux(below_floor, sent_new, acc_new)
+                changed = ~report_valid | report_new | (vacc != ver_report)
                 with m.If(online & acc_ok & changed):
                     m.d.comb += pend_up.eq(1)
                 m.d.sync += [report.eq(new_report), report_valid.eq(acc_ok),
@@ -728,13 +736,13 @@ class EpochEngine(wiring.Component):
                     m.next = "IDLE"
             if not self.cut_through:
                 with m.State("RROOT"):
-                    m.d.comb += [cmp_a.eq(acc), cmp_b.eq(committed)]
+                    lt = acc < committed
                     m.d.sync += below_committed.eq(lt)
                     m.next = "COMMIT"
             with m.State("COMMIT"):
                 # the root: its subtree is the whole tree (acc still holds REPORT)
                 if self.cut_through:
-                    m.d.comb += [cmp_a.eq(acc), cmp_b.eq(committed), below_committed.eq(lt)]
+                    m.d.comb += below_committed.eq(acc < committed)
                 with m.If(~below_committed & (acc != committed)):
                     m.d.sync += committed.eq(acc)
                     m.d.comb += pend_kids.eq(1)

@@ -131,6 +131,25 @@ class EpochRegisters(wiring.Component):
                     m.d.comb += too_big.eq(r_wdata > limit)
 
         domain_kind = (r_kind == _Kind.PERSISTED) | (r_kind == _Kind.ENABLE)
+        # The command for the engine, decided in DECIDE and held in flip-flops (`cmd` is
+        # driven from registers only: the engine decodes it in the same cycle).
+        op = Signal(Op)
+        with m.If(~r_write):
+            m.d.comb += op.eq(Op.READ)
+        with m.Else():
+            with m.Switch(r_kind):
+                for k, write_op in _WRITE_OP.items():
+                    with m.Case(k):
+                        m.d.comb += op.eq(write_op)
+        r_op = Signal(Op)
+        commanding = Signal()
+        m.d.sync += r_op.eq(op)
+        m.d.comb += [
+            self.cmd.valid.eq(commanding),
+            self.cmd.payload.op.eq(r_op),
+            self.cmd.payload.index.eq(r_index),
+            self.cmd.payload.value.eq(r_wdata),
+        ]
         with m.FSM():
             with m.State("IDLE"):
                 m.d.comb += req.ready.eq(1)
@@ -147,6 +166,7 @@ class EpochRegisters(wiring.Component):
                 with m.Elif(~r_write):
                     m.next = "RESPOND"
                     with m.If(domain_kind):         # PERSISTED and ENABLE live in the engine
+                        m.d.sync += commanding.eq(1)
                         m.next = "COMMAND"
                 with m.Elif(too_big):
                     m.d.sync += r_status.eq(BusStatus.ILLEGAL_VALUE)
@@ -154,25 +174,13 @@ class EpochRegisters(wiring.Component):
                 with m.Elif((r_kind == _Kind.DISABLE) & (r_wdata == 0)):
                     m.next = "RESPOND"
                 with m.Else():
+                    m.d.sync += commanding.eq(1)
                     m.next = "COMMAND"
 
             with m.State("COMMAND"):
-                op = Signal(Op)
-                with m.If(~r_write):
-                    m.d.comb += op.eq(Op.READ)
-                with m.Else():
-                    with m.Switch(r_kind):
-                        for k, write_op in _WRITE_OP.items():
-                            with m.Case(k):
-                                m.d.comb += op.eq(write_op)
-                m.d.comb += [
-                    self.cmd.valid.eq(1),
-                    self.cmd.payload.op.eq(op),
-                    self.cmd.payload.index.eq(r_index),
-                    self.cmd.payload.value.eq(r_wdata),
-                    self.rsp.ready.eq(1),
-                ]
+                m.d.comb += self.rsp.ready.eq(1)
                 with m.If(self.rsp.valid):
+                    m.d.sync += commanding.eq(0)
                     status = self.rsp.payload.status
                     with m.Switch(status):
                         for cmd_status, bus_status in _BUS_STATUS.items():

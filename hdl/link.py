@@ -138,17 +138,29 @@ class _Serializer(Elaboratable):
 
         type_byte, seq, length, slot, small = self.type_byte, self.seq, self.length, self.slot, self.small
         index = Signal(8)
-        byte = Signal(8)
-        # Payload bytes are read two ahead and pass through `staged`: a block RAM's output
-        # (slow to appear after the clock edge) ends in a flip-flop, not in the CRC.
+        # Every byte comes from a register loaded as the byte before it is accepted: DATA
+        # payload from `staged` (read two ahead: a block RAM's output, slow to appear after
+        # the clock edge, ends in this flip-flop), the FCS from the CRC register, everything
+        # else from `next_byte`; flags choose among them. The CRC's input and the stream's
+        # byte have one or two multiplexers in front.
+        next_byte = Signal(8, init=SYNC[0])
         staged = Signal(8)
+        in_data = Signal()
+        in_fcs = Signal()
+        is_data = type_byte[:4] == FrameType.DATA
+        small_bytes = Array(small[8 * i:8 * i + 8] for i in range(HELLO_LEN))
 
+        def small_byte(i):
+            return small_bytes[i[:exact_log2(HELLO_LEN)]]
+
+        fcs_bytes = Array(fcs.crc[8 * i:8 * i + 8] for i in range(4))
         tx = self.phy_tx
         accepted = tx.valid & tx.ready
         m.d.comb += [
-            tx.payload.eq(byte),
+            tx.payload.eq(Mux(in_fcs, fcs_bytes[index[:2]] ^ Mux(bad | self.poison, 0xFF, 0),
+                              Mux(in_data, staged, next_byte))),
             self.buf_addr.eq(slot * self._max_payload + index),
-            fcs.data.eq(byte),
+            fcs.data.eq(Mux(in_data, staged, next_byte)),
         ]
 
         with m.FSM():
@@ -156,65 +168,72 @@ class _Serializer(Elaboratable):
                 with m.If(self.start):
                     m.next = "SYNC0"
             with m.State("SYNC0"):
-                m.d.comb += [self.busy.eq(1), tx.valid.eq(1), byte.eq(SYNC[0])]
+                m.d.comb += [self.busy.eq(1), tx.valid.eq(1)]
                 with m.If(accepted):
+                    m.d.sync += next_byte.eq(SYNC[1])
                     m.next = "SYNC1"
             with m.State("SYNC1"):
-                m.d.comb += [self.busy.eq(1), tx.valid.eq(1), byte.eq(SYNC[1])]
+                m.d.comb += [self.busy.eq(1), tx.valid.eq(1)]
                 with m.If(accepted):
+                    m.d.sync += next_byte.eq(type_byte)
                     m.next = "TYPE"
             with m.State("TYPE"):
-                m.d.comb += [self.busy.eq(1), tx.valid.eq(1), byte.eq(type_byte),
-                             fcs.start.eq(accepted), fcs.valid.eq(accepted)]
+                m.d.comb += [self.busy.eq(1), tx.valid.eq(1), fcs.start.eq(accepted), fcs.valid.eq(accepted)]
                 with m.If(accepted):
+                    m.d.sync += next_byte.eq(seq)
                     m.next = "SEQ"
             with m.State("SEQ"):
-                m.d.comb += [self.busy.eq(1), tx.valid.eq(1), byte.eq(seq), fcs.valid.eq(accepted)]
+                m.d.comb += [self.busy.eq(1), tx.valid.eq(1), fcs.valid.eq(accepted)]
                 with m.If(accepted):
                     m.d.comb += [self.buf_en.eq(1), self.buf_addr.eq(slot * self._max_payload),
                                  self.read_index.eq(0)]
+                    m.d.sync += next_byte.eq(length)
                     m.next = "LEN"
             with m.State("LEN"):
-                m.d.comb += [self.busy.eq(1), tx.valid.eq(1), byte.eq(length), fcs.valid.eq(accepted)]
+                m.d.comb += [self.busy.eq(1), tx.valid.eq(1), fcs.valid.eq(accepted)]
                 with m.If(accepted):
                     m.d.comb += [self.buf_en.eq(1), self.buf_addr.eq(slot * self._max_payload + 1),
                                  self.read_index.eq(1)]
-                    m.d.sync += [index.eq(0), staged.eq(self.buf_data)]
+                    m.d.sync += index.eq(0)
                     with m.If(length == 0):
+                        m.d.sync += next_byte.eq(self.ccur)
                         m.next = "CCUR"
                     with m.Else():
+                        m.d.sync += [staged.eq(self.buf_data), next_byte.eq(small_byte(Const(0, 8))),
+                                     in_data.eq(is_data)]
                         m.next = "PAYLOAD"
             with m.State("PAYLOAD"):
-                is_data = type_byte[:4] == FrameType.DATA
-                small_bytes = Array(small[8 * i:8 * i + 8] for i in range(HELLO_LEN))
-                m.d.comb += [self.busy.eq(1), tx.valid.eq(1), fcs.valid.eq(accepted),
-                             byte.eq(Mux(is_data, staged, small_bytes[index[:exact_log2(HELLO_LEN)]]))]
+                m.d.comb += [self.busy.eq(1), tx.valid.eq(1), fcs.valid.eq(accepted)]
                 with m.If(accepted):
                     m.d.comb += [self.buf_en.eq(1), self.buf_addr.eq(slot * self._max_payload + index + 2),
                                  self.read_index.eq(index + 2)]
                     m.d.sync += [index.eq(index + 1), staged.eq(self.buf_data)]
                     with m.If(index == length - 1):
+                        m.d.sync += [next_byte.eq(self.ccur), in_data.eq(0)]
                         m.next = "CCUR"
+                    with m.Else():
+                        m.d.sync += next_byte.eq(small_byte(index + 1))
             with m.State("CCUR"):
-                m.d.comb += [self.busy.eq(1), tx.valid.eq(1), byte.eq(self.ccur), fcs.valid.eq(accepted)]
+                # (the cursors are sampled as the byte before them is accepted)
+                m.d.comb += [self.busy.eq(1), tx.valid.eq(1), fcs.valid.eq(accepted)]
                 with m.If(accepted):
                     # The CRC register now holds the digest over TYPE..PAYLOAD.
-                    m.d.comb += [self.digest.eq(fcs.crc), self.digest_we.eq(type_byte[:4] == FrameType.DATA)]
-                    m.d.sync += self.sent_ccur.eq(self.ccur)
+                    m.d.comb += [self.digest.eq(fcs.crc), self.digest_we.eq(is_data)]
+                    m.d.sync += [self.sent_ccur.eq(next_byte), next_byte.eq(self.dcur)]
                     m.next = "DCUR"
             with m.State("DCUR"):
-                m.d.comb += [self.busy.eq(1), tx.valid.eq(1), byte.eq(self.dcur), fcs.valid.eq(accepted)]
+                m.d.comb += [self.busy.eq(1), tx.valid.eq(1), fcs.valid.eq(accepted)]
                 with m.If(accepted):
-                    m.d.sync += [self.sent_dcur.eq(self.dcur), index.eq(0)]
+                    m.d.sync += [self.sent_dcur.eq(next_byte), next_byte.eq(SYNC[0]), index.eq(0),
+                                 in_fcs.eq(1)]
                     m.next = "FCS"
             with m.State("FCS"):
-                fcs_bytes = Array(fcs.crc[8 * i:8 * i + 8] for i in range(4))
-                m.d.comb += [self.busy.eq(1), tx.valid.eq(1),
-                             byte.eq(fcs_bytes[index[:2]] ^ Mux(bad | self.poison, 0xFF, 0))]
+                m.d.comb += [self.busy.eq(1), tx.valid.eq(1)]
                 with m.If(accepted):
                     m.d.sync += index.eq(index + 1)
                     with m.If(index == 3):
                         m.d.comb += self.done.eq(1)
+                        m.d.sync += in_fcs.eq(0)
                         m.next = "IDLE"
         return m
 
@@ -491,12 +510,26 @@ class LinkEngine(wiring.Component):
             """A distance known to be <= W, in slot_bits + 1 bits."""
             return value[:slot_bits + 1]
 
-        thermometer = Array(Const((1 << n) - 1, W) for n in range(W))
+        def lut_lt(a, b):
+            """a < b for two short unsigned values, as logic (no carry chain)."""
+            result, equal_above = Const(0), Const(1)
+            for k in reversed(range(len(a))):
+                result = result | (equal_above & ~a[k] & b[k])
+                equal_above = equal_above & ~(a[k] ^ b[k])
+            return result
 
         def range_mask(base, count):
-            """Slots holding sequence numbers base .. base+count-1 (all slots if count >= W)."""
-            therm = Mux(count[slot_bits:] != 0, Const((1 << W) - 1, W), thermometer[count[:slot_bits]])
-            return (Cat(therm, therm) << base[:slot_bits])[W:2 * W]
+            """Slots holding sequence numbers base .. base+count-1 (all slots if count >= W).
+
+            Per slot j: (j - base) mod W < count, with the offset from a table of base's slot
+            bits (no shifter: this feeds the send and receive flags in many places)."""
+            everything = count[slot_bits:] != 0
+            base_slot = base[:slot_bits]
+            bits = []
+            for j in range(W):
+                offset = Array(Const((j - f) % W, slot_bits) for f in range(W))[base_slot]
+                bits.append(everything | lut_lt(offset, count[:slot_bits]))
+            return Cat(*bits)
 
         tx_in_flight = _mod(tx_next - tx_free)
         tx_uncommitted = _mod(tx_next - tx_commit)
@@ -578,6 +611,16 @@ class LinkEngine(wiring.Component):
         with m.If(ct_start):
             m.d.sync += ct_started.eq(1)
 
+        # Room in the window for a new message, from flip-flops: tx_in_flight as it was a
+        # cycle ago, counting the message completed then (cursors only ever free room
+        # otherwise, except in a p2 that reconciles with a HELLO: no message starts the
+        # cycle after a p2).
+        took = Signal()         # comb: a message's last byte is taken (tx_next moves on)
+        took_r, below_w, below_w1, p3 = Signal(), Signal(), Signal(), Signal()
+        m.d.sync += [took_r.eq(took), below_w.eq(lt_w(tx_in_flight)),
+                     below_w1.eq(lt_w(tx_in_flight) & ~tx_in_flight[:slot_bits].all()), p3.eq(p2)]
+        room = ~p3 & (below_w1 | (below_w & ~took_r))
+
         def take_byte(is_ctrl, index):
             """Store one input byte at ``index`` of slot tx_next; finish on its last byte."""
             src = Signal.like(self.ctrl_in.payload, name=f"src_at_{'0' if isinstance(index, int) else 'i'}")
@@ -586,6 +629,7 @@ class LinkEngine(wiring.Component):
                          self.ctrl_in.ready.eq(is_ctrl), self.payload_in.ready.eq(~is_ctrl)]
             m.d.sync += in_index.eq(index + 1)
             with m.If(src.last):
+                m.d.comb += took.eq(1)
                 m.d.sync += [tx_len[in_slot].eq(index + 1),
                              tx_ctrl.bit_select(in_slot, 1).eq(is_ctrl),
                              tx_next.eq(tx_next + 1), ct_started.eq(0)]
@@ -615,7 +659,7 @@ class LinkEngine(wiring.Component):
             with m.State("IDLE"):
                 # A message's first byte is taken at once (ctrl first at a message boundary).
                 pick_ctrl = self.ctrl_in.valid & ~self.ctrl_abort
-                with m.If(~fresh & lt_w(tx_in_flight)):
+                with m.If(~fresh & room):
                     m.d.comb += ctrl_ingest.eq(self.ctrl_in.valid)
                     with m.If((pick_ctrl | self.payload_in.valid) & ~p1):
                         m.d.sync += [src_ctrl.eq(pick_ctrl), ct_hint.eq(Mux(pick_ctrl, self.ctrl_len, 0)),
@@ -685,29 +729,32 @@ class LinkEngine(wiring.Component):
                              (dfr.len_now != 0) & (dfr.len_now <= MAXP))
         sp_ended = Signal()     # the frame's FCS verdict came (p1)
         with m.FSM(name="deliver"):
+            # (IDLE only chooses: its first read is FETCH's, from registers, so the choice
+            # does not reach the block RAM's address in the same cycle)
             with m.State("IDLE"):
                 with m.If(e_held & e_ctrl):
-                    m.d.comb += [rxb_r.en.eq(1), rxb_r.addr.eq(e_slot * MAXP)]
-                    m.d.sync += [out_index.eq(1), st_slot.eq(e_slot), st_ctrl.eq(1), st_early.eq(1),
+                    m.d.sync += [out_index.eq(0), st_slot.eq(e_slot), st_ctrl.eq(1), st_early.eq(1),
                                  early_moved.eq(0)]
-                    m.next = "STREAM"
+                    m.next = "FETCH"
                 with m.Elif(early_arrival):
                     # (it becomes held at the end of this cycle: start streaming it now)
-                    m.d.comb += [rxb_r.en.eq(1), rxb_r.addr.eq(e_slot * MAXP)]
-                    m.d.sync += [out_index.eq(1), st_slot.eq(e_slot), st_ctrl.eq(1), st_early.eq(1),
+                    m.d.sync += [out_index.eq(0), st_slot.eq(e_slot), st_ctrl.eq(1), st_early.eq(1),
                                  early_moved.eq(0)]
-                    m.next = "STREAM"
+                    m.next = "FETCH"
                 with m.Elif(sp_go):
                     m.d.sync += [out_index.eq(0), st_slot.eq(slot_of(dfr.seq)), st_ctrl.eq(1), st_early.eq(1),
                                  early_moved.eq(0), sp_len.eq(dfr.len_now), sp_have.eq(0), sp_ok.eq(0),
                                  sp_fail.eq(0), sp_any.eq(0), sp_stored.eq(0), sp_ended.eq(0)]
                     m.next = "SPEC"
                 with m.Elif(retire_ok & ~dl_ctrl):
-                    m.d.comb += [rxb_r.en.eq(1), rxb_r.addr.eq(dl_slot * MAXP)]
-                    m.d.sync += [out_index.eq(1), st_slot.eq(dl_slot), st_ctrl.eq(0), st_early.eq(0)]
-                    m.next = "STREAM"
+                    m.d.sync += [out_index.eq(0), st_slot.eq(dl_slot), st_ctrl.eq(0), st_early.eq(0)]
+                    m.next = "FETCH"
                 with m.If(retire_ok & dl_ctrl & ~p1):
                     m.d.comb += skip.eq(1)
+            with m.State("FETCH"):
+                m.d.comb += [streaming.eq(1), rxb_r.en.eq(1)]
+                m.d.sync += out_index.eq(1)
+                m.next = "STREAM"
             with m.State("STREAM"):
                 m.d.comb += streaming.eq(1)
                 last = out_index == rx_len[st_slot]
@@ -736,9 +783,9 @@ class LinkEngine(wiring.Component):
                 # down first, ends the message with a drop (if any byte of it was taken).
                 m.d.comb += streaming.eq(1)
                 cur_last = out_index == sp_len
-                # (the last byte goes already in the p2 cycle that accepts the frame)
-                confirm = ~sp_ok & ~sp_fail & p2 & early_arrival
-                offer = sp_have & (~cur_last | sp_ok | confirm)
+                # (the last byte goes the cycle after the p2 that accepts the frame: offering
+                # it in p2 put the whole accept decision in front of the stream's valid)
+                offer = sp_have & (~cur_last | sp_ok)
                 drop_now = sp_fail & ~offer
                 port = self.ctrl_out
                 m.d.comb += [port.valid.eq(offer | drop_now & sp_any),
@@ -783,12 +830,9 @@ class LinkEngine(wiring.Component):
             drive("rxv_clr", bit=dl_slot)
 
         # ---- timers ----------------------------------------------------------------------
-        def timer(limit):
-            t = Signal(range(limit + 1))
-            return t
-        idle_timer = timer(max(self.idle_cycles, self.hello_cycles))
-        dead_timer = timer(self.dead_cycles)
-        retx_timer = timer(self.retx_cycles)
+        idle_timer = Signal(range(max(self.idle_cycles, self.hello_cycles) + 1))
+        dead_timer = Signal(range(self.dead_cycles + 1))
+        retx_timer = Signal(range(self.retx_cycles + 1))
         hello_due = Signal()
         probe_due = Signal()
         probe_reply_due = Signal()
@@ -800,19 +844,29 @@ class LinkEngine(wiring.Component):
         m.submodules.reflect_q = reflect_q = ResetInserter(flush)(fifo.SyncFIFOBuffered(width=8 + 32, depth=max(4, W)))
 
         # ---- transmit scheduling -----------------------------------------------------------
-        rot_need = Signal(W)   # need_send, rotated so bit 0 is the oldest in-flight slot
-        m.d.comb += rot_need.eq(Cat(need_send, need_send).bit_select(tx_free[:slot_bits], W))
-        first_need = Signal(slot_bits)
-        for i in reversed(range(W)):
-            with m.If(rot_need[i]):
-                m.d.comb += first_need.eq(i)
+        # The DATA frame to send next: the oldest slot, in sequence order from tx_free, that
+        # needs sending, one-hot (`data_pick`). Slot i is it if it needs sending and no slot
+        # in [tx_free, i) does; which slots come before i depends on tx_free's slot only (a
+        # table), so the choice is a few LUTs deep and goes into the send flags as it is.
+        free_slot = tx_free[:slot_bits]
+        data_pick = Signal(W)
+        for i in range(W):
+            before = Array(Const(sum(1 << j for j in range(W) if (j - f) % W < (i - f) % W), W)
+                           for f in range(W))[free_slot]
+            m.d.comb += data_pick[i].eq(need_send[i] & ((need_send & before) == 0))
         data_slot = Signal(slot_bits)
-        m.d.comb += data_slot.eq(tx_free[:slot_bits] + first_need)
+        for b in range(slot_bits):
+            m.d.comb += data_slot[b].eq(Cat(data_pick[i] for i in range(W) if i >> b & 1).any())
+        # its sequence number: tx_free's upper bits, plus one past the wrap of the slots
+        wrapped = Cat(data_pick[i] & (free_slot > i) for i in range(W)).any()
+        free_high = tx_free[slot_bits:]
         data_seq = Signal(8)
-        m.d.comb += data_seq.eq(tx_free + first_need)
+        m.d.comb += data_seq.eq(Cat(data_slot, Mux(wrapped, free_high + 1, free_high)))
 
-        cursors_dirty = (ser.sent_ccur != tx_commit) | (ser.sent_dcur != rx_next)
-        heartbeat_due = idle_timer >= self.idle_cycles
+        # (a cycle old: the cursors last sent are settled long before the frame ends)
+        cursors_dirty = Signal()
+        m.d.sync += cursors_dirty.eq((ser.sent_ccur != tx_commit) | (ser.sent_dcur != rx_next))
+        heartbeat_due = Signal()    # idle_timer >= idle_cycles, kept with the timer
         hello_fields = Signal(HELLO_LEN * 8)
         m.d.comb += hello_fields.eq(Cat(self.node_id, self.ver_min, self.ver_max,
                                         Cat(fresh, seen, Const(0, 6)), tx_free, rx_commit, rx_next))
@@ -861,13 +915,20 @@ class LinkEngine(wiring.Component):
                              ser.seq.eq(reflect_q.r_data[:8]), ser.length.eq(REFLECT_LEN),
                              ser.small.eq(reflect_q.r_data[8:])]
             with m.Elif(up & (need_send != 0) & ~announced):
+                # (the slot's fields selected by the one-hot pick: AND-OR, no decoder)
+                data_len = 0
+                for i in range(W):
+                    data_len = data_len | Mux(data_pick[i], tx_len[i], 0)
                 m.d.comb += [start.eq(1), sending_data.eq(1),
-                             incr["retransmits"].eq(sent.bit_select(data_slot, 1))]
-                m.d.sync += [ser.type_byte.eq(FrameType.DATA | Mux(tx_ctrl.bit_select(data_slot, 1), FLAG_CTRL, 0)),
-                             ser.seq.eq(data_seq), ser.slot.eq(data_slot), ser.length.eq(tx_len[data_slot])]
-                drive("need_clr", bit=data_slot)
-                drive("sent_set", bit=data_slot)
-                m.d.sync += [tx_order[data_slot].eq(send_count), send_count.eq(send_count + 1)]
+                             incr["retransmits"].eq((sent & data_pick).any())]
+                m.d.sync += [ser.type_byte.eq(FrameType.DATA | Mux((tx_ctrl & data_pick).any(), FLAG_CTRL, 0)),
+                             ser.seq.eq(data_seq), ser.slot.eq(data_slot), ser.length.eq(data_len)]
+                drive("need_clr", data_pick)
+                drive("sent_set", data_pick)
+                for i in range(W):
+                    with m.If(data_pick[i]):
+                        m.d.sync += tx_order[i].eq(send_count)
+                m.d.sync += send_count.eq(send_count + 1)
             with m.Elif(up & (cursors_dirty | probe_due | probe_reply_due | heartbeat_due) & ~ctrl_ingest &
                         ~announced):
                 # (not while a ctrl message is being taken in: its DATA frame follows at once
@@ -885,11 +946,14 @@ class LinkEngine(wiring.Component):
         # the frame's slot until the next frame is chosen)
         m.d.comb += [txd_w.addr.eq(ser.slot), txd_w.data.eq(ser.digest), txd_w.en.eq(ser.digest_we)]
 
-        with m.If(start | ~self.enable):
-            m.d.sync += idle_timer.eq(0)
+        # (the idle timer restarts with `ser.start`, the cycle after a frame is chosen: the
+        # scheduler's whole choice stays out of the timers; `~hello_due` keeps a HELLO that is
+        # being chosen from being asked for again)
+        with m.If(ser.start | ~self.enable):
+            m.d.sync += [idle_timer.eq(0), heartbeat_due.eq(0)]
         with m.Elif(idle_timer < max(self.idle_cycles, self.hello_cycles)):
-            m.d.sync += idle_timer.eq(idle_timer + 1)
-        with m.If(~up & self.enable & (idle_timer >= self.hello_cycles) & ~start):
+            m.d.sync += [idle_timer.eq(idle_timer + 1), heartbeat_due.eq(idle_timer >= self.idle_cycles - 1)]
+        with m.If(~hello_due & ~up & self.enable & (idle_timer >= self.hello_cycles) & ~ser.start):
             m.d.sync += hello_due.eq(1)
 
         # ---- receive processing ------------------------------------------------------------
@@ -944,14 +1008,37 @@ class LinkEngine(wiring.Component):
         c_digest_ok = check("digest_ok", dfr.small[:32] == tx_digest)
         # The wire keeps order: anything sent before this transfer and still unreflected
         # was lost.
+        # (slot i went out before: order - tx_order[i] - 1 < 127 modulo 256, with one adder,
+        # as order + ~tx_order[i], and the comparison with 127 in plain logic)
         order = tx_order[f_slot]
+
+        def sent_before(i):
+            d = _mod(order + ~tx_order[i])
+            return ~d[7] & ~d[:7].all()
         c_lost = check("lost", Cat(*[sent[i] & ~reflected[i] & ~need_send[i] & uncommitted_mask[i] &
-                                     (_mod(order - tx_order[i] - 1) < 127) for i in range(W)]), W)
+                                     sent_before(i) for i in range(W)]), W)
 
         agreed = Mux(p_vmax < self.ver_max, p_vmax, self.ver_max)
         lowest = Mux(p_vmin > self.ver_min, p_vmin, self.ver_min)
-        c_compatible = check("compatible", agreed >= lowest)
+        compatible = agreed >= lowest
         c_agreed = check("agreed", agreed, 8)
+
+        # What the frame does to the link state if it turns out intact and well formed,
+        # decided here from the state (which holds still in p1), so that p2 only combines
+        # these with the verdict. A HELLO from an incompatible peer takes the link down; from
+        # a compatible one: while UP, a peer that has not seen us went down or restarted (go
+        # down, reconcile, answer with a HELLO), one that has gets a probe reply; while DOWN
+        # we reconcile, and come UP if the peer has seen us. Any other frame is admitted while
+        # UP or once reconciled, and brings the link UP.
+        hello_ok = is_hello & compatible
+        c_hello_bad = check("hello_bad", is_hello & ~compatible)
+        c_hello_restart = check("hello_restart", hello_ok & up & ~p_seen)
+        c_hello_reconcile = check("hello_reconcile", hello_ok & ~(up & p_seen))
+        c_hello_answer = check("hello_answer", hello_ok & ~p_seen)      # hello_due
+        c_hello_reply = check("hello_reply", hello_ok & p_seen)         # probe_reply_due
+        c_hello_up = check("hello_up", hello_ok & ~up & p_seen)
+        c_admit = check("admit", ~is_hello & (up | (seen & ~incompatible)))
+        c_admit_up = check("admit_up", ~is_hello & ~up & seen & ~incompatible)
 
         # The peer's commit cursor for what we receive: it only moves forward, over held
         # transfers, at most W ahead of rx_next.
@@ -970,13 +1057,15 @@ class LinkEngine(wiring.Component):
         next_off = _mod(p_rx_next - tx_free)
         peer_ok = (~p_fresh & le_w(commit_off) & (low(commit_off) <= low(tx_in_flight)) &
                    le_w(next_off) & (low(next_off) <= low(commit_off)))
-        new_commit = Mux(peer_ok, p_rx_commit, tx_free)
         c_new_free = check("new_free", Mux(peer_ok, p_rx_next, tx_free), 8)
-        c_new_commit = check("new_commit", new_commit, 8)
+        c_new_commit = check("new_commit", Mux(peer_ok, p_rx_commit, tx_free), 8)
         c_rec_freed = check("rec_freed", Mux(peer_ok, range_mask(tx_free, low(next_off)), 0), W)
-        redo_count = _mod(tx_next - new_commit)
-        c_redo = check("redo", range_mask(new_commit, low(redo_count)), W)
-        c_redo_count = check("redo_count", redo_count, 8)
+        # what is sent again: [new commit cursor, tx_next), both candidates worked out side by
+        # side (choosing the cursor first and then subtracting was the longest path)
+        redo_peer, redo_own = _mod(tx_next - p_rx_commit), _mod(tx_next - tx_free)
+        c_redo = check("redo", Mux(peer_ok, range_mask(p_rx_commit, low(redo_peer)),
+                                   range_mask(tx_free, low(redo_own))), W)
+        c_redo_count = check("redo_count", Mux(peer_ok, redo_peer, redo_own), 8)
 
         # -- p2: apply --
         frame_ok = Signal()
@@ -998,34 +1087,31 @@ class LinkEngine(wiring.Component):
                 m.d.comb += incr["link_downs"].eq(1)
 
         accept = Signal()   # a non-HELLO frame that the link state admits
-        with m.If(frame_ok & c_well_formed & self.enable):
-            with m.If(c_hello):
-                m.d.comb += heard.eq(1)
-                m.d.sync += peer_id.eq(p_node)
-                with m.If(~c_compatible):
-                    m.d.sync += incompatible.eq(1)
-                    m.d.comb += go_down.eq(1)
-                with m.Else():
-                    m.d.sync += [incompatible.eq(0), version.eq(c_agreed)]
-                    with m.If(up):
-                        with m.If(~p_seen):
-                            # The peer went down or restarted: so do we, then answer it.
-                            m.d.comb += [go_down.eq(1), reconcile.eq(1)]
-                            m.d.sync += [seen.eq(1), hello_due.eq(1)]
-                        with m.Else():
-                            m.d.sync += probe_reply_due.eq(1)   # show the peer we are up
-                    with m.Else():
-                        m.d.comb += reconcile.eq(1)
-                        m.d.sync += seen.eq(1)
-                        with m.If(p_seen):
-                            m.d.comb += go_up.eq(1)
-                            m.d.sync += probe_reply_due.eq(1)
-                        with m.Else():
-                            m.d.sync += hello_due.eq(1)
-            with m.Elif(up | (seen & ~incompatible)):
-                m.d.comb += [accept.eq(1), heard.eq(1)]
-                with m.If(~up):
-                    m.d.comb += go_up.eq(1)
+        intact = Signal()   # an intact, well-formed frame while enabled
+        m.d.comb += intact.eq(frame_ok & c_well_formed & self.enable)
+        with m.If(intact & c_hello):
+            m.d.comb += heard.eq(1)
+            m.d.sync += peer_id.eq(p_node)
+            with m.If(c_hello_bad):
+                m.d.sync += incompatible.eq(1)
+                m.d.comb += go_down.eq(1)
+            with m.Else():
+                m.d.sync += [incompatible.eq(0), version.eq(c_agreed)]
+            with m.If(c_hello_restart):
+                m.d.comb += go_down.eq(1)
+            with m.If(c_hello_reconcile):
+                m.d.comb += reconcile.eq(1)
+                m.d.sync += seen.eq(1)
+            with m.If(c_hello_answer):
+                m.d.sync += hello_due.eq(1)
+            with m.If(c_hello_reply):
+                m.d.sync += probe_reply_due.eq(1)
+            with m.If(c_hello_up):
+                m.d.comb += go_up.eq(1)
+        with m.If(intact & c_admit):
+            m.d.comb += [accept.eq(1), heard.eq(1)]
+            with m.If(c_admit_up):
+                m.d.comb += go_up.eq(1)
 
         # Reconcile with the peer's HELLO: agree on which transfers happened.
         with m.If(reconcile):
@@ -1110,19 +1196,24 @@ class LinkEngine(wiring.Component):
         with m.If((~self.enable & ~p1 | disabled) & up):
             m.d.comb += go_down.eq(1)
 
+        # (`outstanding` is a cycle old, and `retx_expired` says retx_timer >= retx_cycles - 1:
+        # the timer restarts or fires a cycle later at most, and keeps no deep logic in front
+        # of the send flags)
         waiting = (sent & ~reflected & ~need_send & uncommitted_mask) != 0
-        outstanding = waiting | (tx_free != tx_commit)
+        outstanding = Signal()
+        m.d.sync += outstanding.eq(waiting | (tx_free != tx_commit))
+        retx_expired = Signal()
         with m.If(p1):
             pass
         with m.Elif(progress | ~outstanding | ~up):
-            m.d.sync += retx_timer.eq(0)
-        with m.Elif(retx_timer >= self.retx_cycles - 1):
-            m.d.sync += retx_timer.eq(0)
+            m.d.sync += [retx_timer.eq(0), retx_expired.eq(0)]
+        with m.Elif(retx_expired):
+            m.d.sync += [retx_timer.eq(0), retx_expired.eq(0)]
             drive("need_set", sent & ~reflected & uncommitted_mask)
             with m.If(tx_free != tx_commit):
                 m.d.sync += probe_due.eq(1)
         with m.Else():
-            m.d.sync += retx_timer.eq(retx_timer + 1)
+            m.d.sync += [retx_timer.eq(retx_timer + 1), retx_expired.eq(retx_timer >= self.retx_cycles - 2)]
 
         # Link state changes last, so they override the per-frame updates above. `seen`
         # only has a meaning while DOWN: it says we reconciled with the peer's HELLO.

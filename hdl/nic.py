@@ -18,7 +18,7 @@ engines and fences are built without counters of their own and report events), a
 other register to the :class:`~epochlink.hdl.regbank.RegisterBank`.
 """
 from amaranth import Module, Mux, Signal
-from amaranth.lib import wiring
+from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 
 from epochlink.registers import register_map
@@ -30,7 +30,8 @@ from .epoch_regs import EpochRegisters, command_addresses
 from .frame import LINK_COUNTERS, OVERHEAD_BYTES, LinkState
 from .hostlink import UARTHostLink
 from .node import NICNode
-from .regbank import RegisterBank
+from .pipeline import PipelineRegister
+from .regbank import BusRequest, RegisterBank
 
 __all__ = ["NICCoreSignature", "NICCore", "link_timers"]
 
@@ -222,23 +223,28 @@ class NICCore(wiring.Component):
 
     def _route(self, m, host_bus, bank_bus, counter_bus, epoch_bus):
         """Send command-register accesses to the epoch engine, counter reads to the counter
-        bank, the rest to the register bank."""
+        bank, the rest to the register bank. The address is decoded as the request enters a
+        register stage, so the responders see a registered request and its destination."""
+        routed = data.StructLayout({"req": BusRequest, "to_epoch": 1, "to_counters": 1})
+        m.submodules.route_reg = stage = PipelineRegister(routed)
         req = host_bus.req
-        to_epoch = Signal()
-        to_counters = Signal()
         with m.Switch(req.payload.addr):
             with m.Case(*command_addresses(self.regmap)):
-                m.d.comb += to_epoch.eq(1)
+                m.d.comb += stage.i.payload.to_epoch.eq(1)
             with m.Case(*(inst.address for inst in self.regmap if inst.register.counter)):
-                m.d.comb += to_counters.eq(1)
-        targets = ((bank_bus, ~to_epoch & ~to_counters), (counter_bus, to_counters),
-                   (epoch_bus, to_epoch))
+                m.d.comb += stage.i.payload.to_counters.eq(1)
+        m.d.comb += [stage.i.payload.req.eq(req.payload), stage.i.valid.eq(req.valid),
+                     req.ready.eq(stage.i.ready)]
+
+        out = stage.o.payload
+        targets = ((bank_bus, ~out.to_epoch & ~out.to_counters), (counter_bus, out.to_counters),
+                   (epoch_bus, out.to_epoch))
         for target, selected in targets:
-            m.d.comb += [target.req.payload.eq(req.payload),
-                         target.req.valid.eq(req.valid & selected)]
+            m.d.comb += [target.req.payload.eq(out.req),
+                         target.req.valid.eq(stage.o.valid & selected)]
         m.d.comb += [
-            req.ready.eq(Mux(to_epoch, epoch_bus.req.ready,
-                             Mux(to_counters, counter_bus.req.ready, bank_bus.req.ready))),
+            stage.o.ready.eq(Mux(out.to_epoch, epoch_bus.req.ready,
+                                 Mux(out.to_counters, counter_bus.req.ready, bank_bus.req.ready))),
             # The host link waits for each answer, so at most one responder answers at a time.
             host_bus.rsp.valid.eq(bank_bus.rsp.valid | counter_bus.rsp.valid | epoch_bus.rsp.valid),
             host_bus.rsp.payload.eq(Mux(epoch_bus.rsp.valid, epoch_bus.rsp.payload,
