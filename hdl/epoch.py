@@ -771,28 +771,34 @@ class EpochEngine(wiring.Component):
             cout = self.ctrl_out[p]
             busy = Signal(name=f"tx_busy{p}")
             cnt = Signal(range(MSG_LEN), name=f"tx_cnt{p}")
-            t_type = Signal(8, name=f"tx_type{p}")
             t_epoch = Signal(W, name=f"tx_epoch{p}")
             t_com = Signal(W, name=f"tx_com{p}")
             t_ver = Signal(V, name=f"tx_ver{p}")
             t_elen = Signal(3, name=f"tx_elen{p}")
-            t_clen = Signal(3, name=f"tx_clen{p}")
+            t_len = Signal(range(MSG_LEN + 1), name=f"tx_len{p}")
             epoch32 = Cat(t_epoch, Const(0, 32 - W))
             com32 = Cat(t_com, Const(0, 32 - W))
-            last = cnt == t_elen + t_clen + 1
+            # The byte on offer and its `last` are flip-flops, loaded as the byte before is
+            # taken: nothing of the field arithmetic reaches the link's ingest.
+            out_byte = Signal(8, name=f"tx_byte{p}")
+            out_last = Signal(name=f"tx_last{p}")
+            k = (cnt + 1)[:len(cnt)]
             m.d.comb += [
                 cout.valid.eq(busy),
-                cout.payload.data.eq(
-                    Mux(cnt == 0, t_type,
-                    Mux(cnt <= t_elen, epoch32.word_select((cnt - 1)[:2], 8),
-                    Mux(~last, com32.word_select((cnt - 1 - t_elen)[:2], 8), t_ver)))),
-                cout.payload.last.eq(last),
+                cout.payload.data.eq(out_byte),
+                cout.payload.last.eq(out_last),
             ]
             with m.If(cout.valid & cout.ready):
-                with m.If(last):
+                with m.If(out_last):
                     m.d.sync += [busy.eq(0), cnt.eq(0)]
                 with m.Else():
-                    m.d.sync += cnt.eq(cnt + 1)
+                    m.d.sync += [
+                        cnt.eq(k),
+                        out_byte.eq(Mux(k <= t_elen, epoch32.word_select((k - 1)[:2], 8),
+                                    Mux(k != t_len - 1, com32.word_select((k - 1 - t_elen)[:2], 8),
+                                        t_ver))),
+                        out_last.eq(k == t_len - 1),
+                    ]
             parent = is_parent[p]
             load = Signal(name=f"tx_load{p}")
             # (a message applied this cycle that must go this way goes at once)
@@ -804,11 +810,12 @@ class EpochEngine(wiring.Component):
                 m.d.sync += [
                     busy.eq(1),
                     pending[p].eq(0),
-                    t_type.eq(Mux(parent, MsgType.REPORT, MsgType.COMMIT) |
-                              Mux(n_heard[p], 0, FLAG_SOLICIT) |
-                              (e_code << EPOCH_CODE_SHIFT) | (committed_code << COMMITTED_CODE_SHIFT)),
+                    out_byte.eq(Mux(parent, MsgType.REPORT, MsgType.COMMIT) |
+                                Mux(n_heard[p], 0, FLAG_SOLICIT) |
+                                (e_code << EPOCH_CODE_SHIFT) | (committed_code << COMMITTED_CODE_SHIFT)),
+                    out_last.eq(0),
                     t_elen.eq(field_bytes(e_code)),
-                    t_clen.eq(field_bytes(committed_code)),
+                    t_len.eq(field_bytes(e_code) + field_bytes(committed_code) + 2),
                     t_epoch.eq(Mux(parent, n_report, 0)),
                     t_com.eq(n_committed),
                     t_ver.eq(Mux(parent, n_ver_report, n_ver_conv)),
@@ -820,7 +827,7 @@ class EpochEngine(wiring.Component):
             # its serializer free for it.
             toward = Mux(has_parent, parent, is_child[p])     # where a new REPORT's effect goes
             expect = (load | (receiving & Mux(rx_report, toward, is_child[p])) | (scanning & toward))
-            m.d.comb += self.ctrl_out_len[p].eq(Mux(busy, t_elen + t_clen + 2, expect))
+            m.d.comb += self.ctrl_out_len[p].eq(Mux(busy, t_len, expect))
             rise = up[p] & ~up_prev[p]
             # (a load at the rising edge itself already sends the current state)
             # (a load in the cycle of `now` carries everything that cycle asks for)

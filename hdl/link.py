@@ -93,6 +93,17 @@ def _flag_bit(flag):
     return flag.bit_length() - 5
 
 
+def _slot_address(slot, index, max_payload):
+    """Address of byte ``index`` of ``slot`` in a buffer of ``max_payload``-byte slots.
+
+    With a power-of-two ``max_payload`` the slot and index bits are concatenated (no adder in
+    front of the block RAM; an index past the slot wraps inside it, and such reads are never
+    used); otherwise ``slot * max_payload + index``."""
+    if max_payload & (max_payload - 1) == 0:
+        return Cat(index[:exact_log2(max_payload)], slot)
+    return slot * max_payload + index
+
+
 def _mod(value):
     """Sequence arithmetic is modulo 256."""
     return value[:8]
@@ -147,6 +158,7 @@ class _Serializer(Elaboratable):
         staged = Signal(8)
         in_data = Signal()
         in_fcs = Signal()
+        at_last = Signal()      # PAYLOAD: index == length - 1
         is_data = type_byte[:4] == FrameType.DATA
         small_bytes = Array(small[8 * i:8 * i + 8] for i in range(HELLO_LEN))
 
@@ -159,7 +171,7 @@ class _Serializer(Elaboratable):
         m.d.comb += [
             tx.payload.eq(Mux(in_fcs, fcs_bytes[index[:2]] ^ Mux(bad | self.poison, 0xFF, 0),
                               Mux(in_data, staged, next_byte))),
-            self.buf_addr.eq(slot * self._max_payload + index),
+            self.buf_addr.eq(_slot_address(slot, index, self._max_payload)),
             fcs.data.eq(Mux(in_data, staged, next_byte)),
         ]
 
@@ -185,16 +197,16 @@ class _Serializer(Elaboratable):
             with m.State("SEQ"):
                 m.d.comb += [self.busy.eq(1), tx.valid.eq(1), fcs.valid.eq(accepted)]
                 with m.If(accepted):
-                    m.d.comb += [self.buf_en.eq(1), self.buf_addr.eq(slot * self._max_payload),
+                    m.d.comb += [self.buf_en.eq(1), self.buf_addr.eq(_slot_address(slot, Const(0, 8), self._max_payload)),
                                  self.read_index.eq(0)]
                     m.d.sync += next_byte.eq(length)
                     m.next = "LEN"
             with m.State("LEN"):
                 m.d.comb += [self.busy.eq(1), tx.valid.eq(1), fcs.valid.eq(accepted)]
                 with m.If(accepted):
-                    m.d.comb += [self.buf_en.eq(1), self.buf_addr.eq(slot * self._max_payload + 1),
+                    m.d.comb += [self.buf_en.eq(1), self.buf_addr.eq(_slot_address(slot, Const(1, 8), self._max_payload)),
                                  self.read_index.eq(1)]
-                    m.d.sync += index.eq(0)
+                    m.d.sync += [index.eq(0), at_last.eq(length == 1)]
                     with m.If(length == 0):
                         m.d.sync += next_byte.eq(self.ccur)
                         m.next = "CCUR"
@@ -205,10 +217,11 @@ class _Serializer(Elaboratable):
             with m.State("PAYLOAD"):
                 m.d.comb += [self.busy.eq(1), tx.valid.eq(1), fcs.valid.eq(accepted)]
                 with m.If(accepted):
-                    m.d.comb += [self.buf_en.eq(1), self.buf_addr.eq(slot * self._max_payload + index + 2),
+                    m.d.comb += [self.buf_en.eq(1), self.buf_addr.eq(_slot_address(slot, (index + 2)[:8], self._max_payload)),
                                  self.read_index.eq(index + 2)]
-                    m.d.sync += [index.eq(index + 1), staged.eq(self.buf_data)]
-                    with m.If(index == length - 1):
+                    m.d.sync += [index.eq(index + 1), staged.eq(self.buf_data),
+                                 at_last.eq(index + 2 == length)]
+                    with m.If(at_last):
                         m.d.sync += [next_byte.eq(self.ccur), in_data.eq(0)]
                         m.next = "CCUR"
                     with m.Else():
@@ -283,7 +296,7 @@ class _Deframer(Elaboratable):
         check = Signal()
         m.d.comb += fcs.data.eq(byte)
         m.d.comb += [self.buf_data.eq(byte),
-                     self.buf_addr.eq(self.seq[:self._slot_bits] * self._max_payload + index)]
+                     self.buf_addr.eq(_slot_address(self.seq[:self._slot_bits], index, self._max_payload))]
 
         # The FCS verdict is taken the cycle after the last FCS byte, while the FSM already
         # hunts for the next frame (the wire cannot be stalled).
@@ -575,7 +588,7 @@ class LinkEngine(wiring.Component):
         ctrl_ingest = Signal()  # a ctrl message is being offered and taken in
         in_index = Signal(8)
         in_slot = slot_of(tx_next)
-        m.d.comb += [txb_w.addr.eq(in_slot * MAXP + in_index)]
+        m.d.comb += [txb_w.addr.eq(_slot_address(in_slot, in_index, MAXP))]
         # Cut-through (ctrl messages with a length hint): the DATA frame of slot tx_next may
         # start while the message is taken in. The serializer reads payload byte j four
         # bytes into the frame plus j; if a byte is not stored by then, the message
@@ -620,12 +633,16 @@ class LinkEngine(wiring.Component):
         m.d.sync += [took_r.eq(took), below_w.eq(lt_w(tx_in_flight)),
                      below_w1.eq(lt_w(tx_in_flight) & ~tx_in_flight[:slot_bits].all()), p3.eq(p2)]
         room = ~p3 & (below_w1 | (below_w & ~took_r))
+        # The slot a new message goes into is free while there is room: its `reflected` flag
+        # is cleared then (not at the message's last byte, deep in the ingest logic).
+        with m.If(room):
+            drive("refl_clr", bit=in_slot)
 
         def take_byte(is_ctrl, index):
             """Store one input byte at ``index`` of slot tx_next; finish on its last byte."""
             src = Signal.like(self.ctrl_in.payload, name=f"src_at_{'0' if isinstance(index, int) else 'i'}")
             m.d.comb += [src.eq(Mux(is_ctrl, self.ctrl_in.payload, self.payload_in.payload)),
-                         txb_w.addr.eq(in_slot * MAXP + index), txb_w.data.eq(src.data), txb_w.en.eq(1),
+                         txb_w.addr.eq(_slot_address(in_slot, Const(index, 8) if isinstance(index, int) else index, MAXP)), txb_w.data.eq(src.data), txb_w.en.eq(1),
                          self.ctrl_in.ready.eq(is_ctrl), self.payload_in.ready.eq(~is_ctrl)]
             m.d.sync += in_index.eq(index + 1)
             with m.If(src.last):
@@ -633,7 +650,6 @@ class LinkEngine(wiring.Component):
                 m.d.sync += [tx_len[in_slot].eq(index + 1),
                              tx_ctrl.bit_select(in_slot, 1).eq(is_ctrl),
                              tx_next.eq(tx_next + 1), ct_started.eq(0)]
-                drive("refl_clr", bit=in_slot)
                 with m.If(ct_live & (index + 1 == ct_len_now) & ~ct_hazard & ~ct_bad):
                     drive("sent_set", bit=in_slot)      # its frame is on the wire, intact
                 with m.Else():
@@ -706,11 +722,15 @@ class LinkEngine(wiring.Component):
         dl_ctrl = rx_ctrl.bit_select(dl_slot, 1)
         e_slot = slot_of(rx_early)
         e_off = _mod(rx_early - rx_next)
-        e_held = lt_w(e_off) & rx_valid.bit_select(e_slot, 1)
+        # (E - rx_next is in 0..W, so it is below W unless E and rx_next share their slot
+        # bits and differ: no subtraction in front of the delivery decisions)
+        e_behind = rx_early != rx_next
+        e_in_window = ~((rx_early[:slot_bits] == rx_next[:slot_bits]) & e_behind)
+        e_held = e_in_window & rx_valid.bit_select(e_slot, 1)
         e_ctrl = rx_ctrl.bit_select(e_slot, 1)
-        retire_ok = (rx_next != rx_commit) & rx_valid.bit_select(dl_slot, 1) & (e_off != 0) & ~dl_finish
+        retire_ok = (rx_next != rx_commit) & rx_valid.bit_select(dl_slot, 1) & e_behind & ~dl_finish
         delivered = Signal()
-        m.d.comb += [rxb_r.addr.eq(st_slot * MAXP + out_index), rxb_r.en.eq(0)]
+        m.d.comb += [rxb_r.addr.eq(_slot_address(st_slot, out_index, MAXP)), rxb_r.en.eq(0)]
         e_pass = Signal()       # E passes a held payload transfer
         early_arrival = Signal()  # p2: the ctrl transfer at E is being stored right now
         skip = Signal()         # rx_next retires a ctrl transfer E has delivered
@@ -801,7 +821,7 @@ class LinkEngine(wiring.Component):
                     m.d.sync += sp_ended.eq(1)
                 with m.If((~sp_have | taken) & (out_index < sp_len) & ((out_index < sp_stored) | sp_ok) &
                           ~sp_fail):
-                    m.d.comb += [rxb_r.en.eq(1), rxb_r.addr.eq(st_slot * MAXP + out_index)]
+                    m.d.comb += [rxb_r.en.eq(1), rxb_r.addr.eq(_slot_address(st_slot, out_index, MAXP))]
                     m.d.sync += [out_index.eq(out_index + 1), sp_have.eq(1)]
                 with m.Elif(taken):
                     m.d.sync += sp_have.eq(0)
@@ -1009,8 +1029,11 @@ class LinkEngine(wiring.Component):
         # The wire keeps order: anything sent before this transfer and still unreflected
         # was lost.
         # (slot i went out before: order - tx_order[i] - 1 < 127 modulo 256, with one adder,
-        # as order + ~tx_order[i], and the comparison with 127 in plain logic)
-        order = tx_order[f_slot]
+        # as order + ~tx_order[i], and the comparison with 127 in plain logic. `order` is
+        # looked up a cycle ahead: if the slot was sent again in that cycle, the inference
+        # uses its previous transmission and finds a subset of the losses, never more.)
+        order = Signal(8)
+        m.d.sync += order.eq(tx_order[f_slot])
 
         def sent_before(i):
             d = _mod(order + ~tx_order[i])

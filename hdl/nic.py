@@ -211,9 +211,9 @@ class NICCore(wiring.Component):
             reg("SUPPORTED").max.eq(self.ver_max),
         ]
 
+        # (a pulse a cycle after COMMITTED changed: the 32-bit comparison ends in a flip-flop)
         last_committed = Signal.like(epoch.committed)
-        m.d.sync += last_committed.eq(epoch.committed)
-        m.d.comb += self.commit.eq(epoch.committed != last_committed)
+        m.d.sync += [last_committed.eq(epoch.committed), self.commit.eq(epoch.committed != last_committed)]
 
         fault = Signal(self.ports)
         for p in range(self.ports):

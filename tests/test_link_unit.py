@@ -194,7 +194,8 @@ def test_incompatible_versions_keep_link_down():
     run(bench)
 
 
-def test_transfer_phases_as_receiver():
+@pytest.mark.parametrize("max_payload", [MAXP, 12])   # (12: buffer addresses need an adder)
+def test_transfer_phases_as_receiver(max_payload):
     """DATA -> REFLECT(digest) -> commit cursor -> delivery -> delivery cursor."""
     async def bench(dut, ctx, peer):
         out = peer.watch(dut.payload_out)
@@ -233,7 +234,7 @@ def test_transfer_phases_as_receiver():
         await peer.wait_for(lambda f: f.dcur == 2)
         assert ctrl.messages == [b"\x05\x06"] and out.messages == [b"hello"]
         assert peer.counter("delivered") == 2
-    run(bench)
+    run(bench, max_payload=max_payload)
 
 
 def test_ctrl_early_delivery_in_sequence_order():
