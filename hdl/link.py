@@ -99,6 +99,8 @@ def _slot_address(slot, index, max_payload):
     With a power-of-two ``max_payload`` the slot and index bits are concatenated (no adder in
     front of the block RAM; an index past the slot wraps inside it, and such reads are never
     used); otherwise ``slot * max_payload + index``."""
+    if isinstance(index, int):
+        index = Const(index, 8)
     if max_payload & (max_payload - 1) == 0:
         return Cat(index[:exact_log2(max_payload)], slot)
     return slot * max_payload + index
@@ -197,14 +199,14 @@ class _Serializer(Elaboratable):
             with m.State("SEQ"):
                 m.d.comb += [self.busy.eq(1), tx.valid.eq(1), fcs.valid.eq(accepted)]
                 with m.If(accepted):
-                    m.d.comb += [self.buf_en.eq(1), self.buf_addr.eq(_slot_address(slot, Const(0, 8), self._max_payload)),
+                    m.d.comb += [self.buf_en.eq(1), self.buf_addr.eq(_slot_address(slot, 0, self._max_payload)),
                                  self.read_index.eq(0)]
                     m.d.sync += next_byte.eq(length)
                     m.next = "LEN"
             with m.State("LEN"):
                 m.d.comb += [self.busy.eq(1), tx.valid.eq(1), fcs.valid.eq(accepted)]
                 with m.If(accepted):
-                    m.d.comb += [self.buf_en.eq(1), self.buf_addr.eq(_slot_address(slot, Const(1, 8), self._max_payload)),
+                    m.d.comb += [self.buf_en.eq(1), self.buf_addr.eq(_slot_address(slot, 1, self._max_payload)),
                                  self.read_index.eq(1)]
                     m.d.sync += [index.eq(0), at_last.eq(length == 1)]
                     with m.If(length == 0):
@@ -642,7 +644,7 @@ class LinkEngine(wiring.Component):
             """Store one input byte at ``index`` of slot tx_next; finish on its last byte."""
             src = Signal.like(self.ctrl_in.payload, name=f"src_at_{'0' if isinstance(index, int) else 'i'}")
             m.d.comb += [src.eq(Mux(is_ctrl, self.ctrl_in.payload, self.payload_in.payload)),
-                         txb_w.addr.eq(_slot_address(in_slot, Const(index, 8) if isinstance(index, int) else index, MAXP)), txb_w.data.eq(src.data), txb_w.en.eq(1),
+                         txb_w.addr.eq(_slot_address(in_slot, index, MAXP)), txb_w.data.eq(src.data), txb_w.en.eq(1),
                          self.ctrl_in.ready.eq(is_ctrl), self.payload_in.ready.eq(~is_ctrl)]
             m.d.sync += in_index.eq(index + 1)
             with m.If(src.last):
@@ -821,7 +823,7 @@ class LinkEngine(wiring.Component):
                     m.d.sync += sp_ended.eq(1)
                 with m.If((~sp_have | taken) & (out_index < sp_len) & ((out_index < sp_stored) | sp_ok) &
                           ~sp_fail):
-                    m.d.comb += [rxb_r.en.eq(1), rxb_r.addr.eq(_slot_address(st_slot, out_index, MAXP))]
+                    m.d.comb += rxb_r.en.eq(1)     # (at the default address: byte out_index)
                     m.d.sync += [out_index.eq(out_index + 1), sp_have.eq(1)]
                 with m.Elif(taken):
                     m.d.sync += sp_have.eq(0)
