@@ -265,12 +265,21 @@ class EpochEngine(wiring.Component):
         # A command stays on ``cmd`` (ready low) until its response is taken.
         c = self.cmd.payload
         r_status = Signal(3)
-        dom_ok = c.index < D
-        port_ok = c.index < P
-        c_en = (enabled >> c.index)[0]
-        c_fits = (c.value >> W) == 0 if W < CMD_VALUE_BITS else Const(1)
-        c_small = c.value[2:] == 0             # 0..3
-        other_parent = (is_parent & ~(Const(1, P) << c.index)[:P]).any()
+        c_en_now = (enabled >> c.index)[0]
+
+        def checked(name, value):
+            """A check of the command, registered: the command is held on ``cmd`` from IDLE
+            into CMD, and only a command changes what the checks read besides it."""
+            reg = Signal(name=f"cmd_{name}")
+            m.d.sync += reg.eq(value)
+            return reg
+        dom_ok = checked("dom_ok", c.index < D)
+        port_ok = checked("port_ok", c.index < P)
+        c_en = checked("enabled", c_en_now)
+        c_fits = checked("fits", (c.value >> W) == 0 if W < CMD_VALUE_BITS else Const(1))
+        c_small = checked("small", c.value[2:] == 0)        # 0..3
+        c_version_ok = checked("version_ok", (c.value != 0) & (c.value[V:] == 0))
+        other_parent = checked("other_parent", (is_parent & ~(Const(1, P) << c.index)[:P]).any())
 
         # ``idx``: the port whose message is received, or the scan position.
         idx = Signal(range(max(D, P)))
@@ -285,6 +294,8 @@ class EpochEngine(wiring.Component):
         rx_solicit = Signal()
         rx_elen = Signal(3)         # bytes of the EPOCH field (0, 1, 2, 4)
         rx_clen = Signal(3)         # bytes of the COMMITTED field
+        rx_fields_end = Signal(4)   # rx_elen + rx_clen: the VERSION byte comes after it
+        rx_at_ver = Signal()        # rx_cnt is where the VERSION byte belongs (kept a byte ahead)
         m_epoch = Signal(32)
         m_com = Signal(32)
         m_ver = Signal(8)
@@ -391,14 +402,16 @@ class EpochEngine(wiring.Component):
                         with m.If(rx_valid[p]):
                             m.d.comb += first.eq(p)
                     first_byte = Array(s.payload.data for s in self.ctrl_in)[first]
+                    elen = field_bytes(first_byte[EPOCH_CODE_SHIFT:EPOCH_CODE_SHIFT + 2])
+                    clen = field_bytes(first_byte[COMMITTED_CODE_SHIFT:COMMITTED_CODE_SHIFT + 2])
                     for p in range(P):
                         m.d.comb += self.ctrl_in[p].ready.eq(first == p)
                     m.d.sync += [
                         idx.eq(first), rx_cnt.eq(1),
                         rx_bad.eq(~type_ok(first_byte)),
                         rx_report.eq((first_byte & TYPE_MASK) == MsgType.REPORT),
-                        rx_elen.eq(field_bytes(first_byte[EPOCH_CODE_SHIFT:EPOCH_CODE_SHIFT + 2])),
-                        rx_clen.eq(field_bytes(first_byte[COMMITTED_CODE_SHIFT:COMMITTED_CODE_SHIFT + 2])),
+                        rx_elen.eq(elen), rx_clen.eq(clen),
+                        rx_fields_end.eq(elen + clen), rx_at_ver.eq((elen == 0) & (clen == 0)),
                         m_epoch.eq(0), m_com.eq(0),
                         rx_solicit.eq(first_byte[7]),
                         # a child's REPORT (LOCAL up to date): pre-compute the new REPORT
@@ -470,7 +483,7 @@ class EpochEngine(wiring.Component):
                             m.d.sync += need_report.eq(1)
                             respond(CmdStatus.OK)
                     with m.Case(Op.ACTIVE):
-                        with m.If((c.value == 0) | (c.value[V:] != 0)):
+                        with m.If(~c_version_ok):
                             respond(CmdStatus.ILLEGAL)
                         with m.Else():
                             m.d.sync += [active.eq(c.value), need_report.eq(1)]
@@ -516,8 +529,8 @@ class EpochEngine(wiring.Component):
                 m.d.comb += [
                     self.rsp.valid.eq(1),
                     self.rsp.payload.status.eq(r_status),
-                    self.rsp.payload.enabled.eq(domain_op & c_en),
-                    self.rsp.payload.value.eq(Mux(domain_op & c_en, rd.data, 0)),
+                    self.rsp.payload.enabled.eq(domain_op & c_en_now),
+                    self.rsp.payload.value.eq(Mux(domain_op & c_en_now, rd.data, 0)),
                 ]
                 with m.If(self.rsp.ready):
                     m.d.comb += self.cmd.ready.eq(1)
@@ -525,10 +538,9 @@ class EpochEngine(wiring.Component):
 
             # -- receive one message from port ``idx`` -----------------------------------
             with m.State("RECV"):
-                ver_at = rx_elen + rx_clen + 1
                 # (the last byte of a child's REPORT waits until the pre-computation is done)
                 # (only a last byte where the VERSION belongs: every field is in by then)
-                last_wait = fast & rx_last & ~rx_drop & (rx_cnt == ver_at) & (pre != PRE_DONE)
+                last_wait = fast & rx_last & ~rx_drop & rx_at_ver & (pre != PRE_DONE)
                 for p in range(P):
                     m.d.comb += self.ctrl_in[p].ready.eq((idx == p) & ~last_wait)
                 # no REPORT load until it is applied: the floor must not move meanwhile
@@ -563,7 +575,7 @@ class EpochEngine(wiring.Component):
                         with m.Case(PRE_CERT):
                             # (once the COMMITTED field is in)
                             lt = acc < m_com
-                            with m.If(rx_cnt > rx_elen + rx_clen):
+                            with m.If(rx_cnt > rx_fields_end):
                                 m.d.sync += [a_ge_m.eq(~lt), pre.eq(PRE_DONE)]
                 with m.If(rx_valid.bit_select(idx, 1) & rx_drop):
                     # its frame failed: the link withdraws it (nothing of it was applied)
@@ -575,15 +587,17 @@ class EpochEngine(wiring.Component):
                             m.d.sync += m_epoch[8 * k:8 * k + 8].eq(byte)
                         with m.If((rx_cnt == rx_elen + k + 1) & (k < rx_clen)):
                             m.d.sync += m_com[8 * k:8 * k + 8].eq(byte)
-                    with m.If(rx_cnt == ver_at):
+                    with m.If(rx_at_ver):
                         m.d.sync += m_ver.eq(byte)
                     with m.If(rx_cnt != MSG_LEN):
                         m.d.sync += rx_cnt.eq(rx_cnt + 1)
+                    # (rx_fields_end < MSG_LEN - 1: a saturated count is never there)
+                    m.d.sync += rx_at_ver.eq(rx_cnt == rx_fields_end)
                     with m.If(rx_last):
                         fits = ((m_epoch | m_com) >> W) == 0 if W < 32 else Const(1)
                         # a neighbour's COMMITTED is a certificate
                         m_gt = ~(m_com < committed) & (m_com != committed)
-                        with m.If((rx_cnt != ver_at) | rx_bad):
+                        with m.If(~rx_at_ver | rx_bad):
                             m.d.comb += events.malformed.eq(1)
                             m.next = "IDLE"
                         with m.Elif(fast & fits):

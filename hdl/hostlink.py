@@ -124,6 +124,8 @@ class HostLink(wiring.Component):
         wdata = Signal(32)
         timer = Signal(range(self.timeout))
         error = Signal(8)
+        answer_status = Signal(8)
+        answer_data = Signal(32)
         is_write = Signal()
         m.d.comb += is_write.eq(opcode == Opcode.WRITE)
         last_idx = Signal(range(16))        # index of the final checksum byte
@@ -196,15 +198,22 @@ class HostLink(wiring.Component):
                     m.next = "WAIT"
 
             with m.State("WAIT"):
+                # The answer is registered before it is queued: the responders' handshake
+                # stays out of the queue's level logic. (It fits: EXECUTE made sure.)
                 with m.If(rsp.valid):
-                    m.d.comb += [
-                        entry.tag.eq(tag),
-                        entry.status.eq(rsp.payload.status.as_value()),
-                        entry.data.eq(rsp.payload.rdata),
-                        queue.w_en.eq(1),
-                    ]
-                    m.d.comb += self.events.frames_ok.eq(1)
-                    m.next = "HUNT"
+                    m.d.sync += [answer_status.eq(rsp.payload.status.as_value()),
+                                 answer_data.eq(rsp.payload.rdata)]
+                    m.next = "ANSWER"
+
+            with m.State("ANSWER"):
+                m.d.comb += [
+                    entry.tag.eq(tag),
+                    entry.status.eq(answer_status),
+                    entry.data.eq(answer_data),
+                    queue.w_en.eq(1),
+                ]
+                m.d.comb += self.events.frames_ok.eq(1)
+                m.next = "HUNT"
 
             with m.State("ERROR"):
                 m.d.comb += [
@@ -250,8 +259,9 @@ class HostLink(wiring.Component):
                          tx_crc.valid.eq((idx >= 1) & (idx <= 6))]
             with m.If(idx == 8):
                 m.d.sync += active.eq(0)
-        # Load the next response as soon as the previous one's last byte goes out.
-        with m.If((~active | (sent & (idx == 8))) & queue.r_rdy):
+        # Load the next response the cycle after the previous one's last byte went out (a
+        # cycle in a UART byte time: the transmitter's handshake stays out of the queue).
+        with m.If(~active & queue.r_rdy):
             m.d.comb += queue.r_en.eq(1)
             m.d.sync += [current.eq(queue.r_data), idx.eq(0), active.eq(1)]
         return active

@@ -717,6 +717,7 @@ class LinkEngine(wiring.Component):
         early_moved = Signal()  # E was pulled back during an early stream: don't advance it
         out_index = Signal(8)
         st_slot = Signal(slot_bits)    # the slot being streamed
+        st_len = Signal(8)             # its length (rx_len of st_slot, held while streaming)
         st_ctrl = Signal()
         st_early = Signal()
         streaming = Signal()
@@ -730,9 +731,20 @@ class LinkEngine(wiring.Component):
         e_in_window = ~((rx_early[:slot_bits] == rx_next[:slot_bits]) & e_behind)
         e_held = e_in_window & rx_valid.bit_select(e_slot, 1)
         e_ctrl = rx_ctrl.bit_select(e_slot, 1)
-        retire_ok = (rx_next != rx_commit) & rx_valid.bit_select(dl_slot, 1) & e_behind & ~dl_finish
+        # The cursor comparisons in front of retiring are a cycle old; the cycle after
+        # rx_next moved, or after a p2 (the only place rx_commit or E move back), holds
+        # retiring off. Cursors moving forward meanwhile only delay it by a cycle.
+        rx_pending, e_passed, cursors_moved = Signal(), Signal(), Signal()
+        advance = Signal()      # comb: rx_next moves on
+        m.d.sync += [rx_pending.eq(rx_next != rx_commit), e_passed.eq(e_behind),
+                     cursors_moved.eq(advance | p2)]
+        retire_ok = (rx_pending & e_passed & ~cursors_moved & rx_valid.bit_select(dl_slot, 1) &
+                     ~dl_finish)
         delivered = Signal()
         m.d.comb += [rxb_r.addr.eq(_slot_address(st_slot, out_index, MAXP)), rxb_r.en.eq(0)]
+        # (the block RAM's output goes to both streams as it is, whatever the state: it
+        # appears late in the cycle, and the register stage after the link gets it directly)
+        m.d.comb += [self.ctrl_out.payload.data.eq(rxb_r.data), self.payload_out.payload.data.eq(rxb_r.data)]
         e_pass = Signal()       # E passes a held payload transfer
         early_arrival = Signal()  # p2: the ctrl transfer at E is being stored right now
         skip = Signal()         # rx_next retires a ctrl transfer E has delivered
@@ -752,14 +764,11 @@ class LinkEngine(wiring.Component):
         sp_ended = Signal()     # the frame's FCS verdict came (p1)
         with m.FSM(name="deliver"):
             # (IDLE only chooses: its first read is FETCH's, from registers, so the choice
-            # does not reach the block RAM's address in the same cycle)
+            # does not reach the block RAM's address in the same cycle. A ctrl transfer at E
+            # that arrives while IDLE, outside SPEC, is streamed once it is held, the cycle
+            # after its p2: the accept decision stays out of the choice.)
             with m.State("IDLE"):
                 with m.If(e_held & e_ctrl):
-                    m.d.sync += [out_index.eq(0), st_slot.eq(e_slot), st_ctrl.eq(1), st_early.eq(1),
-                                 early_moved.eq(0)]
-                    m.next = "FETCH"
-                with m.Elif(early_arrival):
-                    # (it becomes held at the end of this cycle: start streaming it now)
                     m.d.sync += [out_index.eq(0), st_slot.eq(e_slot), st_ctrl.eq(1), st_early.eq(1),
                                  early_moved.eq(0)]
                     m.next = "FETCH"
@@ -775,14 +784,14 @@ class LinkEngine(wiring.Component):
                     m.d.comb += skip.eq(1)
             with m.State("FETCH"):
                 m.d.comb += [streaming.eq(1), rxb_r.en.eq(1)]
-                m.d.sync += out_index.eq(1)
+                m.d.sync += [out_index.eq(1), st_len.eq(rx_len[st_slot])]
                 m.next = "STREAM"
             with m.State("STREAM"):
                 m.d.comb += streaming.eq(1)
-                last = out_index == rx_len[st_slot]
+                last = out_index == st_len
                 for port, is_ctrl in ((self.ctrl_out, 1), (self.payload_out, 0)):
                     m.d.comb += [port.valid.eq(st_ctrl == is_ctrl),
-                                 port.payload.data.eq(rxb_r.data), port.payload.last.eq(last)]
+                                 port.payload.last.eq(last)]
                 ready = Mux(st_ctrl, self.ctrl_out.ready, self.payload_out.ready)
                 with m.If(ready):
                     m.d.comb += rxb_r.en.eq(1)
@@ -811,7 +820,6 @@ class LinkEngine(wiring.Component):
                 drop_now = sp_fail & ~offer
                 port = self.ctrl_out
                 m.d.comb += [port.valid.eq(offer | drop_now & sp_any),
-                             port.payload.data.eq(rxb_r.data),
                              port.payload.last.eq(cur_last | drop_now),
                              port.payload.drop.eq(drop_now)]
                 taken = offer & port.ready
@@ -847,7 +855,8 @@ class LinkEngine(wiring.Component):
         with m.If(e_held & ~e_ctrl & ~(streaming & st_early)):
             m.d.comb += e_pass.eq(1)
             m.d.sync += rx_early.eq(rx_early + 1)
-        with m.If((delivered & ~p1) | dl_finish | skip):
+        m.d.comb += advance.eq((delivered & ~p1) | dl_finish | skip)
+        with m.If(advance):
             m.d.sync += [rx_next.eq(rx_next + 1), dl_finish.eq(0)]
             drive("rxv_clr", bit=dl_slot)
 
@@ -869,7 +878,7 @@ class LinkEngine(wiring.Component):
         # The DATA frame to send next: the oldest slot, in sequence order from tx_free, that
         # needs sending, one-hot (`data_pick`). Slot i is it if it needs sending and no slot
         # in [tx_free, i) does; which slots come before i depends on tx_free's slot only (a
-        # table), so the choice is a few LUTs deep and goes into the send flags as it is.
+        # table), so the choice is a few LUTs deep.
         free_slot = tx_free[:slot_bits]
         data_pick = Signal(W)
         for i in range(W):
@@ -879,11 +888,32 @@ class LinkEngine(wiring.Component):
         data_slot = Signal(slot_bits)
         for b in range(slot_bits):
             m.d.comb += data_slot[b].eq(Cat(data_pick[i] for i in range(W) if i >> b & 1).any())
-        # its sequence number: tx_free's upper bits, plus one past the wrap of the slots
-        wrapped = Cat(data_pick[i] & (free_slot > i) for i in range(W)).any()
+        # its sequence number: tx_free's upper bits, plus one past the wrap of the slots (the
+        # pick wrapped if no slot from tx_free's up needs sending: beside the pick, not after it)
+        from_free = Array(Const(sum(1 << j for j in range(f, W)), W) for f in range(W))[free_slot]
+        wrapped = (need_send & from_free) == 0
         free_high = tx_free[slot_bits:]
         data_seq = Signal(8)
         m.d.comb += data_seq.eq(Cat(data_slot, Mux(wrapped, free_high + 1, free_high)))
+        # The pick and its frame's fields are registered, and the scheduler sends the pick of
+        # the cycle before if its slot still needs sending (`data_ready`). Its fields are
+        # still right then: a slot that needs sending keeps its length and kind, and its
+        # sequence number stays the same while tx_free does not free it. A slot that has only
+        # just come to need sending is sent a cycle later. (The length is selected from the
+        # registered pick, AND-OR: after the pick it was the longest path.)
+        # Only sending it and p2 (freeing, reconciling) clear a send flag, so the slot still
+        # needs sending unless it was just sent or this is the cycle after a p2 (p3).
+        pick = Signal(W)
+        pick_slot = Signal(slot_bits)
+        pick_seq = Signal(8)
+        pick_ctrl = Signal()
+        m.d.sync += [pick.eq(data_pick), pick_slot.eq(data_slot), pick_seq.eq(data_seq),
+                     pick_ctrl.eq((tx_ctrl & data_pick).any())]
+        pick_len = 0
+        for i in range(W):
+            pick_len = pick_len | Mux(pick[i], tx_len[i], 0)
+        pick_live = Signal()
+        data_ready = pick_live & ~p3
 
         # (a cycle old: the cursors last sent are settled long before the frame ends)
         cursors_dirty = Signal()
@@ -911,13 +941,20 @@ class LinkEngine(wiring.Component):
         # reflect queue) take effect at the choice, as the frame is then certain to go.
         start = Signal()        # comb: a frame is chosen now
         m.d.sync += ser.start.eq(start)
+        # no frame chosen or on its way out (~ser.busy & ~ser.start, kept as a flip-flop)
+        ser_free = Signal(init=1)
+        with m.If(start):
+            m.d.sync += ser_free.eq(0)
+        with m.Elif(ser.done):
+            m.d.sync += ser_free.eq(1)
         with m.If(start):
             m.d.sync += hold_timer.eq(0)
         with m.Elif(held):
             m.d.sync += hold_timer.eq(hold_timer + 1)
 
         sending_data = Signal()
-        with m.If(~ser.busy & ~ser.start & self.enable & ~p1):
+        m.d.sync += pick_live.eq(data_pick.any() & ~sending_data)
+        with m.If(ser_free & self.enable & ~p1):
             with m.If(hello_due & ~up):
                 m.d.comb += start.eq(1)
                 m.d.sync += [ser.type_byte.eq(FrameType.HELLO), ser.seq.eq(0),
@@ -936,19 +973,15 @@ class LinkEngine(wiring.Component):
                 m.d.sync += [ser.type_byte.eq(FrameType.REFLECT),
                              ser.seq.eq(reflect_q.r_data[:8]), ser.length.eq(REFLECT_LEN),
                              ser.small.eq(reflect_q.r_data[8:])]
-            with m.Elif(up & (need_send != 0) & ~announced):
-                # (the slot's fields selected by the one-hot pick: AND-OR, no decoder)
-                data_len = 0
-                for i in range(W):
-                    data_len = data_len | Mux(data_pick[i], tx_len[i], 0)
+            with m.Elif(up & data_ready & ~announced):
                 m.d.comb += [start.eq(1), sending_data.eq(1),
-                             incr["retransmits"].eq((sent & data_pick).any())]
-                m.d.sync += [ser.type_byte.eq(FrameType.DATA | Mux((tx_ctrl & data_pick).any(), FLAG_CTRL, 0)),
-                             ser.seq.eq(data_seq), ser.slot.eq(data_slot), ser.length.eq(data_len)]
-                drive("need_clr", data_pick)
-                drive("sent_set", data_pick)
+                             incr["retransmits"].eq((sent & pick).any())]
+                m.d.sync += [ser.type_byte.eq(FrameType.DATA | Mux(pick_ctrl, FLAG_CTRL, 0)),
+                             ser.seq.eq(pick_seq), ser.slot.eq(pick_slot), ser.length.eq(pick_len)]
+                drive("need_clr", pick)
+                drive("sent_set", pick)
                 for i in range(W):
-                    with m.If(data_pick[i]):
+                    with m.If(pick[i]):
                         m.d.sync += tx_order[i].eq(send_count)
                 m.d.sync += send_count.eq(send_count + 1)
             with m.Elif(up & (cursors_dirty | probe_due | probe_reply_due | heartbeat_due) & ~ctrl_ingest &
@@ -1026,8 +1059,10 @@ class LinkEngine(wiring.Component):
         c_hello = check("hello", is_hello)
         c_in_window = check("in_window", data_in_window)
         c_held = check("held", rx_valid.bit_select(f_slot, 1))
-        c_refl_ok = check("refl_ok", refl_live & ~reflected.bit_select(f_slot, 1) & sent.bit_select(f_slot, 1))
-        c_digest_ok = check("digest_ok", dfr.small[:32] == tx_digest)
+        refl_ok = refl_live & ~reflected.bit_select(f_slot, 1) & sent.bit_select(f_slot, 1)
+        digest_ok = dfr.small[:32] == tx_digest
+        c_refl_ok = check("refl_ok", refl_ok)
+        c_digest_ok = check("digest_ok", digest_ok)
         # The wire keeps order: anything sent before this transfer and still unreflected
         # was lost.
         # (slot i went out before: order - tx_order[i] - 1 < 127 modulo 256, with one adder,
@@ -1062,24 +1097,32 @@ class LinkEngine(wiring.Component):
         c_hello_answer = check("hello_answer", hello_ok & ~p_seen)      # hello_due
         c_hello_reply = check("hello_reply", hello_ok & p_seen)         # probe_reply_due
         c_hello_up = check("hello_up", hello_ok & ~up & p_seen)
-        c_admit = check("admit", ~is_hello & (up | (seen & ~incompatible)))
+        admit = ~is_hello & (up | (seen & ~incompatible))
+        c_admit = check("admit", admit)
         c_admit_up = check("admit_up", ~is_hello & ~up & seen & ~incompatible)
+        # whether it takes the link down: an incompatible or restarted peer's HELLO, or an
+        # admitted REFLECT of a live transfer whose digest is not what we sent
+        c_down = check("down", is_hello & ~compatible | hello_ok & up & ~p_seen |
+                               admit & is_reflect & refl_ok & ~digest_ok)
 
         # The peer's commit cursor for what we receive: it only moves forward, over held
         # transfers, at most W ahead of rx_next.
         ccur_off = _mod(dfr.ccur - rx_next)
         ccur_held = (range_mask(rx_next, ccur_off) & ~rx_valid) == 0
         c_ccur_ok = check("ccur_ok", le_w(ccur_off) & (low(ccur_off) >= low(_mod(rx_commit - rx_next))) & ccur_held)
+        # Offsets from tx_free are taken a cycle ahead of p1: DCUR and a HELLO's fields are in
+        # at least the four FCS bytes before the frame's end, and tx_free only moves in p2,
+        # at least a minimal frame (11 bytes) before the next p1.
+        dcur_off, commit_off, next_off = Signal(8), Signal(8), Signal(8)
+        m.d.sync += [dcur_off.eq(_mod(dfr.dcur - tx_free)), commit_off.eq(_mod(p_rx_commit - tx_free)),
+                     next_off.eq(_mod(p_rx_next - tx_free))]
         # The peer's delivery cursor for what we send: frees our copies up to tx_commit.
-        dcur_off = _mod(dfr.dcur - tx_free)
         c_dcur_ok = check("dcur_ok", (dcur_off != 0) & le_w(dcur_off) &
                           (low(dcur_off) <= low(_mod(tx_commit - tx_free))))
         c_dcur_freed = check("dcur_freed", range_mask(tx_free, low(dcur_off)), W)
 
         # Reconciliation with a HELLO when we are not fresh: the peer committed everything
         # before p_rx_commit and delivered everything before p_rx_next.
-        commit_off = _mod(p_rx_commit - tx_free)
-        next_off = _mod(p_rx_next - tx_free)
         peer_ok = (~p_fresh & le_w(commit_off) & (low(commit_off) <= low(tx_in_flight)) &
                    le_w(next_off) & (low(next_off) <= low(commit_off)))
         c_new_free = check("new_free", Mux(peer_ok, p_rx_next, tx_free), 8)
@@ -1119,11 +1162,8 @@ class LinkEngine(wiring.Component):
             m.d.sync += peer_id.eq(p_node)
             with m.If(c_hello_bad):
                 m.d.sync += incompatible.eq(1)
-                m.d.comb += go_down.eq(1)
             with m.Else():
                 m.d.sync += [incompatible.eq(0), version.eq(c_agreed)]
-            with m.If(c_hello_restart):
-                m.d.comb += go_down.eq(1)
             with m.If(c_hello_reconcile):
                 m.d.comb += reconcile.eq(1)
                 m.d.sync += seen.eq(1)
@@ -1133,6 +1173,8 @@ class LinkEngine(wiring.Component):
                 m.d.sync += probe_reply_due.eq(1)
             with m.If(c_hello_up):
                 m.d.comb += go_up.eq(1)
+        with m.If(intact & c_down):     # (one registered decision: go_down feeds every flag)
+            m.d.comb += go_down.eq(1)
         with m.If(intact & c_admit):
             m.d.comb += [accept.eq(1), heard.eq(1)]
             with m.If(c_admit_up):
@@ -1198,7 +1240,7 @@ class LinkEngine(wiring.Component):
                     # Everything sent before it and still unreflected was lost: send it again.
                     drive("need_set", c_lost)
                 with m.Else():
-                    m.d.comb += [incr["reflect_mismatches"].eq(1), go_down.eq(1)]
+                    m.d.comb += incr["reflect_mismatches"].eq(1)
             with m.If(c_signal & dfr.flags[_flag_bit(FLAG_PROBE)]):
                 m.d.sync += probe_reply_due.eq(1)
 
@@ -1207,15 +1249,17 @@ class LinkEngine(wiring.Component):
             m.d.sync += tx_commit.eq(tx_commit + 1)
 
         # ---- liveness and retransmission ---------------------------------------------------
-        # (both timers hold in p1)
+        # (both timers hold in p1. The dead timer's expiry stays set until a frame is heard,
+        # and takes the link down outside p2, so whether p2's frame is heard never reaches
+        # go_down: a frame accepted in that p2 still keeps the link up.)
         dead_expired = Signal()
         with m.If(heard | ~up):
             m.d.sync += [dead_timer.eq(0), dead_expired.eq(0)]
-        with m.Elif(~p1):
+        with m.Elif(~p1 & ~dead_expired):
             m.d.sync += dead_timer.eq(dead_timer + 1)
             m.d.sync += dead_expired.eq(dead_timer == self.dead_cycles - 2)
-            with m.If(dead_expired):
-                m.d.comb += go_down.eq(1)
+        with m.If(dead_expired & up & ~p1 & ~p2):
+            m.d.comb += go_down.eq(1)
         disabled = Signal()     # `enable` fell in p1: go down in p2
         m.d.sync += disabled.eq(p1 & ~self.enable)
         with m.If((~self.enable & ~p1 | disabled) & up):

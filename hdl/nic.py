@@ -195,7 +195,6 @@ class NICCore(wiring.Component):
             node.ver_min.eq(self.ver_min),
             node.ver_max.eq(self.ver_max),
             node.fence_mode.eq(reg("FENCE_MODE")),
-            node.epoch_reset.eq(bank.hw_strobe("RESET") & reg("RESET")),
             reg("NODE_ID").eq(self.node_id),
             reg("STATUS").online.eq(epoch.online),
             reg("STATUS").local_valid.eq(epoch.local_valid),
@@ -210,6 +209,10 @@ class NICCore(wiring.Component):
             reg("SUPPORTED").min.eq(self.ver_min),
             reg("SUPPORTED").max.eq(self.ver_max),
         ]
+
+        # EPOCH_RESET reaches the engine and every link's ctrl_abort from a flip-flop: the
+        # write strobe's decode would otherwise stretch across all the link engines.
+        m.d.sync += node.epoch_reset.eq(bank.hw_strobe("RESET") & reg("RESET"))
 
         # (a pulse a cycle after COMMITTED changed: the 32-bit comparison ends in a flip-flop)
         last_committed = Signal.like(epoch.committed)

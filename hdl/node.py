@@ -98,7 +98,18 @@ class NICNode(wiring.Component):
                 # (without cut-through: no hint, so the link's cut-through logic drops out)
                 link.ctrl_len.eq(engine.ctrl_out_len[p] if self.cut_through else 0),
             ]
-            wiring.connect(m, engine.ctrl_out[p], link.ctrl_in)
+            if self.cut_through:
+                # (the link's cut-through paces the message byte by byte with the engine)
+                wiring.connect(m, engine.ctrl_out[p], link.ctrl_in)
+            else:
+                # Store and forward: a register stage between the engine's message sender and
+                # the link's ingest too (their handshake crossed the chip on the 4-port ECP5
+                # build). It is reset with the engine, so no byte of an aborted message waits
+                # in it when `ctrl_abort` has dropped the rest.
+                m.submodules[f"msg_reg{p}"] = msg_reg = ResetInserter(self.epoch_reset)(
+                    PipelineRegister(MessageByte))
+                wiring.connect(m, engine.ctrl_out[p], msg_reg.i)
+                wiring.connect(m, msg_reg.o, link.ctrl_in)
             # Register stages on what leaves a link engine: its receive decisions and its
             # transmit buffer read end in flip-flops, not in the epoch engine or the PHY.
             m.submodules[f"ctrl_reg{p}"] = ctrl_reg = PipelineRegister(CtrlByte)
