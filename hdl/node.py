@@ -102,14 +102,19 @@ class NICNode(wiring.Component):
                 # (the link's cut-through paces the message byte by byte with the engine)
                 wiring.connect(m, engine.ctrl_out[p], link.ctrl_in)
             else:
-                # Store and forward: a register stage between the engine's message sender and
-                # the link's ingest too (their handshake crossed the chip on the 4-port ECP5
-                # build). It is reset with the engine, so no byte of an aborted message waits
-                # in it when `ctrl_abort` has dropped the rest.
-                m.submodules[f"msg_reg{p}"] = msg_reg = ResetInserter(self.epoch_reset)(
-                    PipelineRegister(MessageByte))
-                wiring.connect(m, engine.ctrl_out[p], msg_reg.i)
-                wiring.connect(m, msg_reg.o, link.ctrl_in)
+                # Store and forward: two register stages between the engine's message sender
+                # and the link's ingest too, one for each end (their handshake crossed the
+                # chip on the 4-port ECP5 build; with one stage, whichever end it is placed
+                # away from still sees the other end's logic through the long route). They
+                # are reset with the engine, so no byte of an aborted message waits in them
+                # when `ctrl_abort` has dropped the rest.
+                source = engine.ctrl_out[p]
+                for end in ("engine", "link"):
+                    stage = ResetInserter(self.epoch_reset)(PipelineRegister(MessageByte))
+                    m.submodules[f"msg_reg{p}_{end}"] = stage
+                    wiring.connect(m, source, stage.i)
+                    source = stage.o
+                wiring.connect(m, source, link.ctrl_in)
             # Register stages on what leaves a link engine: its receive decisions and its
             # transmit buffer read end in flip-flops, not in the epoch engine or the PHY.
             m.submodules[f"ctrl_reg{p}"] = ctrl_reg = PipelineRegister(CtrlByte)
