@@ -27,6 +27,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..hdl.node import COPY_PREFIX
+
 __all__ = ["BoardSpec", "BOARDS", "BoardError", "tool_environment", "build",
            "parse_nextpnr_report", "utilisation_from_log", "find_openfpgaloader",
            "board_attached", "flash", "main"]
@@ -222,6 +224,11 @@ def build(board: str, *, ports: int = 2, core: str | None = None, bit_rate: floa
         return _build_locked(spec, top, platform, build_dir, name, seed)
 
 
+#: yosys: keep the flip-flops of register copies (``hdl/node.py``) apart, each next to what
+#: it drives (``setattr`` on the ``$dff`` cells driving the copies' wires).
+KEEP_REGISTER_COPIES = f"setattr -set keep 1 w:{COPY_PREFIX}* %ci1:+$dff[Q] t:$dff %i"
+
+
 def _build_locked(spec, top, platform, build_dir, name, seed):
     nextpnr_report = build_dir / f"{name}.nextpnr.json"
     for stale in (nextpnr_report, build_dir / "report.json"):
@@ -231,6 +238,7 @@ def _build_locked(spec, top, platform, build_dir, name, seed):
     failure = None
     try:
         platform.build(top, name=name, build_dir=str(build_dir), do_program=False,
+                       script_after_read=KEEP_REGISTER_COPIES,
                        nextpnr_opts=f"--report {nextpnr_report.name} --timing-allow-fail "
                                     f"--seed {seed}")
     except subprocess.CalledProcessError as exc:

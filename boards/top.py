@@ -494,9 +494,12 @@ class BoardTop(Elaboratable):
         hold = 1 << round(math.log2(self.clk_hz * 0.2))
 
         def recently(event, name):
-            """1 for ``hold`` cycles after each pulse of ``event``."""
+            """1 for ``hold`` cycles after each pulse of ``event`` (registered first: events
+            come from all over the chip)."""
             since = Signal(range(hold + 1), init=hold, name=name)
-            with m.If(event):
+            pulse = Signal(name=f"{name}_event")
+            m.d.sync += pulse.eq(event)
+            with m.If(pulse):
                 m.d.sync += since.eq(0)
             with m.Elif(since != hold):
                 m.d.sync += since.eq(since + 1)

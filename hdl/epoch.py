@@ -283,6 +283,7 @@ class EpochEngine(wiring.Component):
 
         # ``idx``: the port whose message is received, or the scan position.
         idx = Signal(range(max(D, P)))
+        l_primed = Signal()         # LSCAN: domain 0 has been read
         idx_rep = Array(child_rep)[idx]
         idx_ver = Array(child_ver)[idx]
         idx_role = Array(role)[idx]
@@ -384,10 +385,9 @@ class EpochEngine(wiring.Component):
             with m.State("IDLE"):
                 # Scans before messages: a REPORT goes out before the next message is taken.
                 with m.If(self.cmd.valid):
-                    m.next = "CMD"
+                    m.next = "CMD_READ"
                 with m.Elif(need_local):
-                    m.d.comb += rd.addr.eq(0)
-                    m.d.sync += [need_local.eq(0), idx.eq(0), acc_ok.eq(0)]
+                    m.d.sync += [need_local.eq(0), idx.eq(0), acc_ok.eq(0), l_primed.eq(0)]
                     m.next = "LSCAN"
                 with m.Elif(need_report):
                     m.d.sync += [
@@ -429,8 +429,13 @@ class EpochEngine(wiring.Component):
                         m.next = "RECV"
 
             # -- host commands (the memory returns PERSISTED[index] from here on) ----------
+            # (CMD_READ compares the value with it: CMD decides from registers only)
+            c_lower = Signal()          # c.value < PERSISTED[index]
+            with m.State("CMD_READ"):
+                m.d.sync += c_lower.eq(c.value < rd.data)
+                m.next = "CMD"
             with m.State("CMD"):
-                lt = c.value < rd.data
+                lt = c_lower
                 with m.Switch(c.op):
                     with m.Case(Op.PERSIST):
                         with m.If(~dom_ok):
@@ -681,8 +686,7 @@ class EpochEngine(wiring.Component):
                     # LOCAL is rescanned first if it is due)
                     m.d.sync += [idx.eq(0), acc_ok.eq(0)]
                     with m.If(need_local):
-                        m.d.comb += rd.addr.eq(0)
-                        m.d.sync += need_local.eq(0)
+                        m.d.sync += [need_local.eq(0), l_primed.eq(0)]
                         m.next = "LSCAN"
                     with m.Else():
                         m.d.sync += [need_report.eq(0), acc.eq(local), acc_ok.eq(local_valid),
@@ -690,23 +694,29 @@ class EpochEngine(wiring.Component):
                         m.next = "RSCAN"
 
             # -- LOCAL = min over enabled domains (memory read one cycle ahead) ------------
+            # (its first cycle reads domain 0: the read address comes from registers, never
+            # from the decision to start the scan)
             with m.State("LSCAN"):
-                take = Signal()
-                lt = acc < rd.data
-                m.d.comb += [
-                    take.eq((enabled >> idx)[0] & (~acc_ok | ~lt)),
-                    rd.addr.eq(idx + 1),
-                ]
-                with m.If(take):
-                    m.d.sync += [acc.eq(rd.data), acc_ok.eq(1)]
-                m.d.sync += idx.eq(idx + 1)
-                with m.If(idx == D - 1):
-                    m.d.sync += [
-                        local.eq(Mux(take, rd.data, acc)),
-                        local_valid.eq(take | acc_ok),
-                        need_report.eq(1),
+                with m.If(~l_primed):
+                    m.d.comb += rd.addr.eq(0)
+                    m.d.sync += l_primed.eq(1)
+                with m.Else():
+                    take = Signal()
+                    lt = acc < rd.data
+                    m.d.comb += [
+                        take.eq((enabled >> idx)[0] & (~acc_ok | ~lt)),
+                        rd.addr.eq(idx + 1),
                     ]
-                    m.next = "IDLE"
+                    with m.If(take):
+                        m.d.sync += [acc.eq(rd.data), acc_ok.eq(1)]
+                    m.d.sync += idx.eq(idx + 1)
+                    with m.If(idx == D - 1):
+                        m.d.sync += [
+                            local.eq(Mux(take, rd.data, acc)),
+                            local_valid.eq(take | acc_ok),
+                            need_report.eq(1),
+                        ]
+                        m.next = "IDLE"
 
             # -- REPORT = min(LOCAL, reports of CHILD ports) -------------------------------
             # Without cut-through the floor and root comparisons get a cycle of their own

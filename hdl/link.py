@@ -117,7 +117,6 @@ class _Serializer(Elaboratable):
     def __init__(self, *, slot_bits, max_payload):
         self.phy_tx = phy_tx_signature().create()
         self.start = Signal()       # in: pulse while idle to send a frame
-        self.busy = Signal()        # out
         # in, held from `start` until `done` (registers of the scheduler, not copied here):
         self.type_byte = Signal(8)
         self.seq = Signal(8)
@@ -151,6 +150,8 @@ class _Serializer(Elaboratable):
 
         type_byte, seq, length, slot, small = self.type_byte, self.seq, self.length, self.slot, self.small
         index = Signal(8)
+        index_up = Signal(exact_log2(HELLO_LEN))   # PAYLOAD: index + 1 for the small fields, kept
+                                                   # with it (no adder in front of their multiplexer)
         # Every byte comes from a register loaded as the byte before it is accepted: DATA
         # payload from `staged` (read two ahead: a block RAM's output, slow to appear after
         # the clock edge, ends in this flip-flop), the FCS from the CRC register, everything
@@ -163,9 +164,6 @@ class _Serializer(Elaboratable):
         at_last = Signal()      # PAYLOAD: index == length - 1
         is_data = type_byte[:4] == FrameType.DATA
         small_bytes = Array(small[8 * i:8 * i + 8] for i in range(HELLO_LEN))
-
-        def small_byte(i):
-            return small_bytes[i[:exact_log2(HELLO_LEN)]]
 
         fcs_bytes = Array(fcs.crc[8 * i:8 * i + 8] for i in range(4))
         tx = self.phy_tx
@@ -182,68 +180,68 @@ class _Serializer(Elaboratable):
                 with m.If(self.start):
                     m.next = "SYNC0"
             with m.State("SYNC0"):
-                m.d.comb += [self.busy.eq(1), tx.valid.eq(1)]
+                m.d.comb += [tx.valid.eq(1)]
                 with m.If(accepted):
                     m.d.sync += next_byte.eq(SYNC[1])
                     m.next = "SYNC1"
             with m.State("SYNC1"):
-                m.d.comb += [self.busy.eq(1), tx.valid.eq(1)]
+                m.d.comb += [tx.valid.eq(1)]
                 with m.If(accepted):
                     m.d.sync += next_byte.eq(type_byte)
                     m.next = "TYPE"
             with m.State("TYPE"):
-                m.d.comb += [self.busy.eq(1), tx.valid.eq(1), fcs.start.eq(accepted), fcs.valid.eq(accepted)]
+                m.d.comb += [tx.valid.eq(1), fcs.start.eq(accepted), fcs.valid.eq(accepted)]
                 with m.If(accepted):
                     m.d.sync += next_byte.eq(seq)
                     m.next = "SEQ"
             with m.State("SEQ"):
-                m.d.comb += [self.busy.eq(1), tx.valid.eq(1), fcs.valid.eq(accepted)]
+                m.d.comb += [tx.valid.eq(1), fcs.valid.eq(accepted)]
                 with m.If(accepted):
                     m.d.comb += [self.buf_en.eq(1), self.buf_addr.eq(_slot_address(slot, 0, self._max_payload)),
                                  self.read_index.eq(0)]
                     m.d.sync += next_byte.eq(length)
                     m.next = "LEN"
             with m.State("LEN"):
-                m.d.comb += [self.busy.eq(1), tx.valid.eq(1), fcs.valid.eq(accepted)]
+                m.d.comb += [tx.valid.eq(1), fcs.valid.eq(accepted)]
                 with m.If(accepted):
                     m.d.comb += [self.buf_en.eq(1), self.buf_addr.eq(_slot_address(slot, 1, self._max_payload)),
                                  self.read_index.eq(1)]
-                    m.d.sync += [index.eq(0), at_last.eq(length == 1)]
+                    m.d.sync += [index.eq(0), index_up.eq(1), at_last.eq(length == 1)]
                     with m.If(length == 0):
                         m.d.sync += next_byte.eq(self.ccur)
                         m.next = "CCUR"
                     with m.Else():
-                        m.d.sync += [staged.eq(self.buf_data), next_byte.eq(small_byte(Const(0, 8))),
+                        m.d.sync += [staged.eq(self.buf_data), next_byte.eq(small_bytes[0]),
                                      in_data.eq(is_data)]
                         m.next = "PAYLOAD"
             with m.State("PAYLOAD"):
-                m.d.comb += [self.busy.eq(1), tx.valid.eq(1), fcs.valid.eq(accepted)]
+                m.d.comb += [tx.valid.eq(1), fcs.valid.eq(accepted)]
                 with m.If(accepted):
                     m.d.comb += [self.buf_en.eq(1), self.buf_addr.eq(_slot_address(slot, (index + 2)[:8], self._max_payload)),
                                  self.read_index.eq(index + 2)]
-                    m.d.sync += [index.eq(index + 1), staged.eq(self.buf_data),
+                    m.d.sync += [index.eq(index + 1), index_up.eq(index_up + 1), staged.eq(self.buf_data),
                                  at_last.eq(index + 2 == length)]
                     with m.If(at_last):
                         m.d.sync += [next_byte.eq(self.ccur), in_data.eq(0)]
                         m.next = "CCUR"
                     with m.Else():
-                        m.d.sync += next_byte.eq(small_byte(index + 1))
+                        m.d.sync += next_byte.eq(small_bytes[index_up])
             with m.State("CCUR"):
                 # (the cursors are sampled as the byte before them is accepted)
-                m.d.comb += [self.busy.eq(1), tx.valid.eq(1), fcs.valid.eq(accepted)]
+                m.d.comb += [tx.valid.eq(1), fcs.valid.eq(accepted)]
                 with m.If(accepted):
                     # The CRC register now holds the digest over TYPE..PAYLOAD.
                     m.d.comb += [self.digest.eq(fcs.crc), self.digest_we.eq(is_data)]
                     m.d.sync += [self.sent_ccur.eq(next_byte), next_byte.eq(self.dcur)]
                     m.next = "DCUR"
             with m.State("DCUR"):
-                m.d.comb += [self.busy.eq(1), tx.valid.eq(1), fcs.valid.eq(accepted)]
+                m.d.comb += [tx.valid.eq(1), fcs.valid.eq(accepted)]
                 with m.If(accepted):
                     m.d.sync += [self.sent_dcur.eq(next_byte), next_byte.eq(SYNC[0]), index.eq(0),
                                  in_fcs.eq(1)]
                     m.next = "FCS"
             with m.State("FCS"):
-                m.d.comb += [self.busy.eq(1), tx.valid.eq(1)]
+                m.d.comb += [tx.valid.eq(1)]
                 with m.If(accepted):
                     m.d.sync += index.eq(index + 1)
                     with m.If(index == 3):
@@ -722,24 +720,33 @@ class LinkEngine(wiring.Component):
         st_early = Signal()
         streaming = Signal()
         dl_slot = slot_of(rx_next)
-        dl_ctrl = rx_ctrl.bit_select(dl_slot, 1)
         e_slot = slot_of(rx_early)
         e_off = _mod(rx_early - rx_next)
         # (E - rx_next is in 0..W, so it is below W unless E and rx_next share their slot
         # bits and differ: no subtraction in front of the delivery decisions)
         e_behind = rx_early != rx_next
         e_in_window = ~((rx_early[:slot_bits] == rx_next[:slot_bits]) & e_behind)
-        e_held = e_in_window & rx_valid.bit_select(e_slot, 1)
-        e_ctrl = rx_ctrl.bit_select(e_slot, 1)
-        # The cursor comparisons in front of retiring are a cycle old; the cycle after
-        # rx_next moved, or after a p2 (the only place rx_commit or E move back), holds
-        # retiring off. Cursors moving forward meanwhile only delay it by a cycle.
+        # What is held at E is looked up a cycle ahead too; the cycle after E moved, a p2 (where
+        # transfers are stored, and E can be pulled back) or going down (which clears
+        # uncommitted transfers, possibly the one at E) holds E's decisions off. (E passes
+        # held payload transfers every other cycle.)
+        e_held, e_ctrl, e_stale = Signal(), Signal(), Signal()
+        e_moved = Signal()      # comb: E moves on (outside p2)
+        m.d.sync += [e_held.eq(e_in_window & rx_valid.bit_select(e_slot, 1)),
+                     e_ctrl.eq(rx_ctrl.bit_select(e_slot, 1))]
+        e_ready = e_held & ~e_stale
+        # The cursor comparisons in front of retiring, and what is held at rx_next, are a
+        # cycle old; the cycle after rx_next moved, or after a p2 (the only place rx_commit
+        # or E move back, and where transfers are stored), holds retiring off. Cursors moving
+        # forward meanwhile only delay it by a cycle. (Going down outside p2 clears only
+        # uncommitted transfers: never the one at rx_next while rx_next != rx_commit.)
         rx_pending, e_passed, cursors_moved = Signal(), Signal(), Signal()
+        dl_held, dl_ctrl = Signal(), Signal()
         advance = Signal()      # comb: rx_next moves on
         m.d.sync += [rx_pending.eq(rx_next != rx_commit), e_passed.eq(e_behind),
-                     cursors_moved.eq(advance | p2)]
-        retire_ok = (rx_pending & e_passed & ~cursors_moved & rx_valid.bit_select(dl_slot, 1) &
-                     ~dl_finish)
+                     cursors_moved.eq(advance | p2),
+                     dl_held.eq(rx_valid.bit_select(dl_slot, 1)), dl_ctrl.eq(rx_ctrl.bit_select(dl_slot, 1))]
+        retire_ok = rx_pending & e_passed & ~cursors_moved & dl_held & ~dl_finish
         delivered = Signal()
         m.d.comb += [rxb_r.addr.eq(_slot_address(st_slot, out_index, MAXP)), rxb_r.en.eq(0)]
         # (the block RAM's output goes to both streams as it is, whatever the state: it
@@ -748,19 +755,27 @@ class LinkEngine(wiring.Component):
         e_pass = Signal()       # E passes a held payload transfer
         early_arrival = Signal()  # p2: the ctrl transfer at E is being stored right now
         skip = Signal()         # rx_next retires a ctrl transfer E has delivered
-        # Receive-side cut-through: the frame now at its LEN byte carries the next ctrl
-        # message in order (DATA, FLAG_CTRL, SEQ = E, its slot writable): stream it as it
-        # arrives (SPEC), its last byte only once the frame is accepted.
+        # Receive-side cut-through: the frame whose LEN byte came in the cycle before carries
+        # the next ctrl message in order (DATA, FLAG_CTRL, SEQ = E, its slot writable): stream
+        # it as it arrives (SPEC), its last byte only once the frame is accepted.
         sp_len = Signal(8)      # its length
         sp_stored = Signal(8)   # payload bytes of the frame stored so far
+        # (out_index < sp_len and out_index < sp_stored, kept as flags as both move by one:
+        # no comparator in front of the read decision)
+        sp_more, sp_unread = Signal(), Signal()
         sp_have = Signal()
         sp_ok = Signal()        # the frame was accepted: the last byte may go
         sp_fail = Signal()      # it was not (or the link went down first): drop it
         sp_any = Signal()       # a byte of it was taken
+        # (decided the cycle after LEN, from the latched length: the received byte has the
+        # deframer's own decisions in front of it. At most one payload byte has been stored
+        # by then, and E can have moved: it is compared again.)
+        sp_candidate = Signal()
+        m.d.sync += sp_candidate.eq(dfr.len_valid & dfr.wrote & (dfr.type == FrameType.DATA) &
+                                    dfr.flags[_flag_bit(FLAG_CTRL)] &
+                                    (dfr.len_now != 0) & (dfr.len_now <= MAXP))
         sp_go = Signal()
-        m.d.comb += sp_go.eq(dfr.len_valid & dfr.wrote & (dfr.type == FrameType.DATA) &
-                             dfr.flags[_flag_bit(FLAG_CTRL)] & (dfr.seq == rx_early) & up &
-                             (dfr.len_now != 0) & (dfr.len_now <= MAXP))
+        m.d.comb += sp_go.eq(sp_candidate & (dfr.seq == rx_early) & up)
         sp_ended = Signal()     # the frame's FCS verdict came (p1)
         with m.FSM(name="deliver"):
             # (IDLE only chooses: its first read is FETCH's, from registers, so the choice
@@ -768,14 +783,15 @@ class LinkEngine(wiring.Component):
             # that arrives while IDLE, outside SPEC, is streamed once it is held, the cycle
             # after its p2: the accept decision stays out of the choice.)
             with m.State("IDLE"):
-                with m.If(e_held & e_ctrl):
+                with m.If(e_ready & e_ctrl):
                     m.d.sync += [out_index.eq(0), st_slot.eq(e_slot), st_ctrl.eq(1), st_early.eq(1),
                                  early_moved.eq(0)]
                     m.next = "FETCH"
                 with m.Elif(sp_go):
                     m.d.sync += [out_index.eq(0), st_slot.eq(slot_of(dfr.seq)), st_ctrl.eq(1), st_early.eq(1),
-                                 early_moved.eq(0), sp_len.eq(dfr.len_now), sp_have.eq(0), sp_ok.eq(0),
-                                 sp_fail.eq(0), sp_any.eq(0), sp_stored.eq(0), sp_ended.eq(0)]
+                                 early_moved.eq(0), sp_len.eq(dfr.length), sp_have.eq(0), sp_ok.eq(0),
+                                 sp_fail.eq(~dfr.phy_rx.valid), sp_any.eq(0), sp_ended.eq(0),
+                                 sp_stored.eq(dfr.buf_we), sp_more.eq(1), sp_unread.eq(dfr.buf_we)]
                     m.next = "SPEC"
                 with m.Elif(retire_ok & ~dl_ctrl):
                     m.d.sync += [out_index.eq(0), st_slot.eq(dl_slot), st_ctrl.eq(0), st_early.eq(0)]
@@ -800,6 +816,7 @@ class LinkEngine(wiring.Component):
                         m.d.comb += incr["delivered"].eq(1)
                         with m.If(st_early):
                             with m.If(~early_moved):
+                                m.d.comb += e_moved.eq(1)
                                 m.d.sync += rx_early.eq(rx_early + 1)
                         with m.Else():
                             m.d.comb += delivered.eq(1)
@@ -813,7 +830,7 @@ class LinkEngine(wiring.Component):
                 # been accepted (early_arrival, p2); a frame that fails, or the link going
                 # down first, ends the message with a drop (if any byte of it was taken).
                 m.d.comb += streaming.eq(1)
-                cur_last = out_index == sp_len
+                cur_last = ~sp_more     # (out_index never passes sp_len)
                 # (the last byte goes the cycle after the p2 that accepts the frame: offering
                 # it in p2 put the whole accept decision in front of the stream's valid)
                 offer = sp_have & (~cur_last | sp_ok)
@@ -825,16 +842,26 @@ class LinkEngine(wiring.Component):
                 taken = offer & port.ready
                 with m.If(taken):
                     m.d.sync += sp_any.eq(1)
-                with m.If(dfr.buf_we & ~sp_ended):
+                stored = Signal()
+                read = Signal()
+                m.d.comb += [stored.eq(dfr.buf_we & ~sp_ended),
+                             read.eq((~sp_have | taken) & sp_more & (sp_unread | sp_ok) & ~sp_fail)]
+                with m.If(stored):
                     m.d.sync += sp_stored.eq(sp_stored + 1)
                 with m.If(p1):
                     m.d.sync += sp_ended.eq(1)
-                with m.If((~sp_have | taken) & (out_index < sp_len) & ((out_index < sp_stored) | sp_ok) &
-                          ~sp_fail):
+                with m.If(read):
                     m.d.comb += rxb_r.en.eq(1)     # (at the default address: byte out_index)
-                    m.d.sync += [out_index.eq(out_index + 1), sp_have.eq(1)]
+                    m.d.sync += [out_index.eq(out_index + 1), sp_have.eq(1),
+                                 sp_more.eq(out_index + 1 != sp_len)]
                 with m.Elif(taken):
                     m.d.sync += sp_have.eq(0)
+                # (sp_stored - out_index, the bytes stored and not read, moves by one at most)
+                unread_many = _mod(sp_stored - out_index) > 1
+                with m.If(stored & ~read):
+                    m.d.sync += sp_unread.eq(1)
+                with m.Elif(read & ~stored):
+                    m.d.sync += sp_unread.eq(unread_many)
                 # the verdict: the first p2 in SPEC is this frame's
                 # (only a frame that arrives back to back: a gap in it, as on a cut wire or a
                 # slower PHY, withdraws it, so the consumer never waits long on a frame)
@@ -847,13 +874,14 @@ class LinkEngine(wiring.Component):
                 with m.If(taken & cur_last):
                     m.d.comb += incr["delivered"].eq(1)
                     with m.If(~early_moved):
+                        m.d.comb += e_moved.eq(1)
                         m.d.sync += rx_early.eq(rx_early + 1)
                     m.next = "IDLE"
                 with m.If(drop_now & (port.ready | ~sp_any)):
                     m.next = "IDLE"
         # E passes held payload transfers while it is not streaming one of its own.
-        with m.If(e_held & ~e_ctrl & ~(streaming & st_early)):
-            m.d.comb += e_pass.eq(1)
+        with m.If(e_ready & ~e_ctrl & ~(streaming & st_early)):
+            m.d.comb += [e_pass.eq(1), e_moved.eq(1)]
             m.d.sync += rx_early.eq(rx_early + 1)
         m.d.comb += advance.eq((delivered & ~p1) | dl_finish | skip)
         with m.If(advance):
@@ -1079,8 +1107,9 @@ class LinkEngine(wiring.Component):
                                      sent_before(i) for i in range(W)]), W)
 
         agreed = Mux(p_vmax < self.ver_max, p_vmax, self.ver_max)
-        lowest = Mux(p_vmin > self.ver_min, p_vmin, self.ver_min)
-        compatible = agreed >= lowest
+        # (agreed >= max(p_vmin, ver_min), as four comparisons side by side)
+        compatible = ((p_vmax >= p_vmin) & (p_vmax >= self.ver_min) &
+                      (self.ver_max >= p_vmin) & (self.ver_max >= self.ver_min))
         c_agreed = check("agreed", agreed, 8)
 
         # What the frame does to the link state if it turns out intact and well formed,
@@ -1092,7 +1121,6 @@ class LinkEngine(wiring.Component):
         # UP or once reconciled, and brings the link UP.
         hello_ok = is_hello & compatible
         c_hello_bad = check("hello_bad", is_hello & ~compatible)
-        c_hello_restart = check("hello_restart", hello_ok & up & ~p_seen)
         c_hello_reconcile = check("hello_reconcile", hello_ok & ~(up & p_seen))
         c_hello_answer = check("hello_answer", hello_ok & ~p_seen)      # hello_due
         c_hello_reply = check("hello_reply", hello_ok & p_seen)         # probe_reply_due
@@ -1260,6 +1288,7 @@ class LinkEngine(wiring.Component):
             m.d.sync += dead_expired.eq(dead_timer == self.dead_cycles - 2)
         with m.If(dead_expired & up & ~p1 & ~p2):
             m.d.comb += go_down.eq(1)
+        m.d.sync += e_stale.eq(e_moved | p2 | go_down)
         disabled = Signal()     # `enable` fell in p1: go down in p2
         m.d.sync += disabled.eq(p1 & ~self.enable)
         with m.If((~self.enable & ~p1 | disabled) & up):

@@ -329,5 +329,6 @@ class NICCore(wiring.Component):
         m.d.comb += [
             self.link_up[p].eq(status.state == LinkState.UP),
             self.activity[p].eq(phy_rx.valid | (phy_tx.valid & phy_tx.ready)),
-            fault[p].eq(self.phy_error[p] | events_set.as_value().any()),
         ]
+        # (registered next to the port: the ports' faults are combined across the chip)
+        m.d.sync += fault[p].eq(self.phy_error[p] | events_set.as_value().any())

@@ -25,7 +25,20 @@ from .frame import LinkState
 from .link import CtrlByte, LinkEngine, LinkStatusSignature
 from .pipeline import PipelineRegister
 
-__all__ = ["NICNode"]
+__all__ = ["NICNode", "COPY_PREFIX"]
+
+
+#: Registers named with this prefix are copies of one register, each placed next to what it
+#: drives; board builds mark them ``keep`` (``boards/__main__.py``), or synthesis would merge
+#: them back into one flip-flop.
+COPY_PREFIX = "copy_"
+
+
+def _register_copy(m, value, name):
+    """``value`` registered in a flip-flop of its own (``COPY_PREFIX + name``)."""
+    reg = Signal(name=COPY_PREFIX + name)
+    m.d.sync += reg.eq(value)
+    return reg
 
 
 class NICNode(wiring.Component):
@@ -39,7 +52,8 @@ class NICNode(wiring.Component):
     node_id, ver_min, ver_max : identity and supported link protocol versions.
     link_enable : per-port enable of the link engines.
     fence_mode : :class:`~epochlink.hdl.fence.FenceMode` for every port.
-    epoch_reset : resets the epoch engine alone (as at power-up); the links stay up.
+    epoch_reset : resets the epoch engine alone (as at power-up), a cycle later; the links
+        stay up.
     epoch : epoch engine status; link : per-port link status; fence counters per port.
 
     ``cut_through`` (default True) builds the epoch engine with its cut-through
@@ -81,7 +95,13 @@ class NICNode(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         engine = EpochEngine(**self.epoch_args)
-        m.submodules.epoch = ResetInserter(self.epoch_reset)(engine)
+        # `epoch_reset` is registered here, once for the engine and once per port, so that each
+        # copy can sit next to what it resets (the engine; a link's ingest and its message
+        # stages) instead of one flip-flop fanning out across the chip.
+        engine_reset = _register_copy(m, self.epoch_reset, "epoch_reset_engine")
+        port_reset = [_register_copy(m, self.epoch_reset, f"epoch_reset_port{p}")
+                      for p in range(self.ports)]
+        m.submodules.epoch = ResetInserter(engine_reset)(engine)
         wiring.connect(m, wiring.flipped(self.cmd), engine.cmd)
         wiring.connect(m, engine.rsp, wiring.flipped(self.rsp))
         forward_status(m, engine.status, self.epoch)
@@ -93,7 +113,7 @@ class NICNode(wiring.Component):
                 link.ver_max.eq(self.ver_max), link.enable.eq(self.link_enable[p]),
                 engine.link_up[p].eq(link.status.state == LinkState.UP),
                 # an engine reset inside a message must not splice it with the next one
-                link.ctrl_abort.eq(self.epoch_reset),
+                link.ctrl_abort.eq(port_reset[p]),
                 # the message length lets the link put a message on the wire as it comes
                 # (without cut-through: no hint, so the link's cut-through logic drops out)
                 link.ctrl_len.eq(engine.ctrl_out_len[p] if self.cut_through else 0),
@@ -110,7 +130,7 @@ class NICNode(wiring.Component):
                 # when `ctrl_abort` has dropped the rest.
                 source = engine.ctrl_out[p]
                 for end in ("engine", "link"):
-                    stage = ResetInserter(self.epoch_reset)(PipelineRegister(MessageByte))
+                    stage = ResetInserter(port_reset[p])(PipelineRegister(MessageByte))
                     m.submodules[f"msg_reg{p}_{end}"] = stage
                     wiring.connect(m, source, stage.i)
                     source = stage.o
@@ -123,9 +143,15 @@ class NICNode(wiring.Component):
             m.submodules[f"tx_reg{p}"] = tx_reg = PipelineRegister(8)
             wiring.connect(m, link.phy_tx, tx_reg.i)
             wiring.connect(m, tx_reg.o, wiring.flipped(self.phy_tx[p]))
-            # (received bytes are registered too: the frame decoder starts from flip-flops)
-            m.d.sync += [link.phy_rx.valid.eq(self.phy_rx[p].valid),
-                         link.phy_rx.payload.eq(self.phy_rx[p].payload)]
+            # Received bytes are registered too: the frame decoder starts from flip-flops. In
+            # the store-and-forward build (the boards) they pass two registers, so that the
+            # last one can sit next to the decoder it fans out to however far away the PHY is.
+            rx_valid, rx_payload = self.phy_rx[p].valid, self.phy_rx[p].payload
+            if not self.cut_through:
+                rx_valid_r, rx_payload_r = Signal(name=f"phy_rx{p}_valid"), Signal(8, name=f"phy_rx{p}_payload")
+                m.d.sync += [rx_valid_r.eq(rx_valid), rx_payload_r.eq(rx_payload)]
+                rx_valid, rx_payload = rx_valid_r, rx_payload_r
+            m.d.sync += [link.phy_rx.valid.eq(rx_valid), link.phy_rx.payload.eq(rx_payload)]
             forward_status(m, link.status, self.link[p])
 
             m.submodules[f"tagger{p}"] = tagger = EpochTagger()

@@ -196,7 +196,7 @@ class RegisterBank(wiring.Component):
 
         m.d.comb += req.ready.eq(1)
         # ... and decoded into a one-hot selection in the next cycle; the cycle after that
-        # reads the selected register (an AND-OR tree) and applies a write.
+        # (`decoded`) reads the selected register (an AND-OR tree) and applies a write.
         served = [inst for inst in self.regmap if _served(inst.register, self.serve_counters)]
         decoded = Signal()
         select = Signal(len(served))
@@ -216,40 +216,56 @@ class RegisterBank(wiring.Component):
                 setb = Value.cast(self.hw_set(inst.name)) & reg.mask
                 m.d.sync += value.eq(value | setb)
 
+        # Every register works out on its own what a selected read answers and whether a
+        # write to it is refused or takes the written value as its answer; the one-hot
+        # selection then combines them in AND-OR trees. (Writes applied one after another in
+        # `If`s made the answer a chain of multiplexers as long as the register map.)
+        reads = Const(0, 32)
+        refused = {BusStatus.READ_ONLY: Const(0), BusStatus.ILLEGAL_VALUE: Const(0)}
+        echoed = Const(0)       # the write was taken as it is: it is the answer
+        for selected, inst in zip(select, served):
+            read, refusal, echo = self._answer(m, inst, decoded & write_d & selected, wdata_d)
+            reads = reads | Mux(selected, read, 0)
+            if refusal is not None:
+                status, value = refusal
+                refused[status] = refused[status] | (selected & value)
+            echoed = echoed | (selected & echo)
         with m.If(decoded):
-            currents = [Value.cast(self.regmap.reset(inst)) if inst.register.constant
-                        else Value.cast(self.hw_port(inst.name)) & inst.register.mask
-                        for inst in served]
-            rdata = Const(0, 32)
-            for selected, current in zip(select, currents):
-                rdata = rdata | Mux(selected, current, 0)
-            m.d.sync += [rsp.payload.rdata.eq(rdata),
-                         rsp.payload.status.eq(Mux(select.any(), BusStatus.OK, BusStatus.BAD_ADDRESS))]
-            for selected, current, inst in zip(select, currents, served):
-                with m.If(selected & write_d):
-                    self._write(m, inst, current, wdata_d)
+            m.d.sync += [
+                rsp.payload.rdata.eq(Mux(write_d & echoed, wdata_d, reads)),
+                rsp.payload.status.eq(Mux(~select.any(), BusStatus.BAD_ADDRESS,
+                                      Mux(write_d & refused[BusStatus.READ_ONLY], BusStatus.READ_ONLY,
+                                      Mux(write_d & refused[BusStatus.ILLEGAL_VALUE], BusStatus.ILLEGAL_VALUE,
+                                          BusStatus.OK)))),
+            ]
         return m
 
-    def _write(self, m: Module, inst: RegisterInstance, current: Value, wdata: Value) -> None:
+    def _answer(self, m: Module, inst: RegisterInstance, write: Value, wdata: Value):
+        """Applies a write to ``inst`` (``write``: it is selected and the request writes).
+        Returns what the response carries if ``inst`` is selected (unless the write is echoed),
+        ``(status, refused)`` for a register whose writes can be refused (else ``None``), and
+        whether a write to it is echoed (its answer is the written word)."""
         reg = inst.register
-        rsp = self.bus.rsp
+        current = (Value.cast(self.regmap.reset(inst)) if reg.constant
+                   else Value.cast(self.hw_port(inst.name)) & reg.mask)
         if reg.access is Access.RO:
-            m.d.sync += rsp.payload.status.eq(BusStatus.READ_ONLY)
-        elif reg.access is Access.RW:
+            return current, (BusStatus.READ_ONLY, Const(1)), Const(0)
+        if reg.access is Access.RW:
             illegal = (wdata & (0xFFFF_FFFF & ~reg.mask)) != 0
             for f in reg.fields:
                 if f.max is not None:
                     illegal |= wdata[f.lsb:f.lsb + f.width] > f.max
-            with m.If(illegal):
-                m.d.sync += rsp.payload.status.eq(BusStatus.ILLEGAL_VALUE)
-            with m.Else():
-                m.d.sync += [
-                    Value.cast(self.hw_port(inst.name)).eq(wdata[:reg.width]),
-                    self.hw_strobe(inst.name).eq(1),
-                    rsp.payload.rdata.eq(wdata),
-                ]
-        elif reg.access is Access.W1C:
+            illegal_bit = Signal(name=f"{inst.name.lower()}_illegal")
+            m.d.comb += illegal_bit.eq(illegal)
+            with m.If(write & ~illegal_bit):
+                m.d.sync += [Value.cast(self.hw_port(inst.name)).eq(wdata[:reg.width]),
+                             self.hw_strobe(inst.name).eq(1)]
+            return current, (BusStatus.ILLEGAL_VALUE, illegal_bit), ~illegal_bit
+        if reg.access is Access.W1C:
             value = Value.cast(self.hw_port(inst.name))
             setb = Value.cast(self.hw_set(inst.name)) & reg.mask
             new = (value & ~wdata[:reg.width]) | setb
-            m.d.sync += [value.eq(new), rsp.payload.rdata.eq(new & reg.mask)]
+            with m.If(write):
+                m.d.sync += value.eq(new)
+            return Mux(write, new & reg.mask, current), None, Const(0)
+        raise AssertionError(reg.access)
