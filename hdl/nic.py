@@ -210,8 +210,8 @@ class NICCore(wiring.Component):
             reg("SUPPORTED").max.eq(self.ver_max),
         ]
 
-        # EPOCH_RESET reaches the engine and every link's ctrl_abort from a flip-flop: the
-        # write strobe's decode would otherwise stretch across all the link engines.
+        # EPOCH_RESET leaves from a flip-flop (the node then copies it per port): the write
+        # strobe's decode would otherwise stretch across all the link engines.
         m.d.sync += node.epoch_reset.eq(bank.hw_strobe("RESET") & reg("RESET"))
 
         # (a pulse a cycle after COMMITTED changed: the 32-bit comparison ends in a flip-flop)
