@@ -283,10 +283,18 @@ class EpochEngine(wiring.Component):
 
         # ``idx``: the port whose message is received, or the scan position.
         idx = Signal(range(max(D, P)))
-        l_primed = Signal()         # LSCAN: domain 0 has been read
+        primed = Signal()           # LSCAN, RSCAN: the first operand has been read
         idx_rep = Array(child_rep)[idx]
         idx_ver = Array(child_ver)[idx]
         idx_role = Array(role)[idx]
+        # RSCAN's operands, read a cycle ahead into registers: the port index selecting a
+        # child's report, the 32-bit comparison and the accumulator in one cycle were the
+        # longest path of the 4-port ECP5 build. (Roles, reports and ``heard`` change only in
+        # CMD, RECV and RX, never during a scan.)
+        scan_child, scan_reported, scan_last = Signal(), Signal(), Signal()
+        scan_rep, scan_ver = Signal(W), Signal(V)
+        m.d.sync += [scan_child.eq(is_child.bit_select(idx, 1)), scan_reported.eq(heard.bit_select(idx, 1)),
+                     scan_rep.eq(idx_rep), scan_ver.eq(idx_ver), scan_last.eq(idx == P - 1)]
 
         # The message being received, fields in arrival order.
         rx_cnt = Signal(range(MSG_LEN + 1))
@@ -314,6 +322,8 @@ class EpochEngine(wiring.Component):
 
         m_above = Signal()          # COMMITTED < the message's COMMITTED field, a cycle old
         m.d.sync += m_above.eq(committed < m_com)
+        m_below = Signal()          # the message's EPOCH field < port idx's report, a cycle old
+        m.d.sync += m_below.eq(m_epoch < idx_rep)
         acc = Signal(W)
         acc_ok = Signal()
         vacc = Signal(V)
@@ -324,13 +334,13 @@ class EpochEngine(wiring.Component):
                 m.d.comb += events.refused.eq(1)
             m.next = "RESP"
 
-        def scan_step(port, rep, ver, also=Const(1)):
-            """One step of the REPORT scan: fold CHILD ``port``'s report into ``acc`` (min)
-            and its version into ``vacc``; a CHILD that has not reported yet makes the scan
-            invalid (``acc_ok``)."""
+        def scan_step(child, reported, rep, ver):
+            """One step of the REPORT scan: fold a CHILD port's report ``rep`` into ``acc``
+            (min) and its version ``ver`` into ``vacc``; a CHILD that has not reported yet
+            (``~reported``) makes the scan invalid (``acc_ok``)."""
             lt = acc < rep
-            with m.If(is_child.bit_select(port, 1) & also):
-                with m.If(~heard.bit_select(port, 1)):
+            with m.If(child):
+                with m.If(~reported):
                     m.d.sync += acc_ok.eq(0)
                 with m.Else():
                     with m.If(~lt):
@@ -387,11 +397,11 @@ class EpochEngine(wiring.Component):
                 with m.If(self.cmd.valid):
                     m.next = "CMD_READ"
                 with m.Elif(need_local):
-                    m.d.sync += [need_local.eq(0), idx.eq(0), acc_ok.eq(0), l_primed.eq(0)]
+                    m.d.sync += [need_local.eq(0), idx.eq(0), acc_ok.eq(0), primed.eq(0)]
                     m.next = "LSCAN"
                 with m.Elif(need_report):
                     m.d.sync += [
-                        need_report.eq(0), idx.eq(0),
+                        need_report.eq(0), idx.eq(0), primed.eq(0),
                         acc.eq(local), acc_ok.eq(local_valid), vacc.eq(active),
                     ]
                     m.next = "RSCAN"
@@ -554,7 +564,8 @@ class EpochEngine(wiring.Component):
                     with m.Switch(pre):
                         with m.Case(PRE_SCAN):
                             # REPORT of LOCAL and the other CHILD ports (as RSCAN)
-                            scan_step(sidx, sidx_rep, sidx_ver, also=sidx != idx)
+                            scan_step(is_child.bit_select(sidx, 1) & (sidx != idx),
+                                      heard.bit_select(sidx, 1), sidx_rep, sidx_ver)
                             m.d.sync += sidx.eq(sidx + 1)
                             with m.If(sidx == P - 1):
                                 m.d.sync += pre.eq(PRE_MERGE)
@@ -648,10 +659,10 @@ class EpochEngine(wiring.Component):
                     # with a drop): don't wait forever on anything else.
                     m.next = "IDLE"
             with m.State("RX"):
-                # (`m_above` is a cycle old: it compared the complete message with COMMITTED
-                # as the message's last byte came, and only RX writes COMMITTED after that)
+                # (`m_above` and `m_below` are a cycle old: they compared the complete message
+                # with COMMITTED and the port's report as the message's last byte came, and
+                # only RX writes those after that)
                 # max-merge: a repeated or stale REPORT changes nothing
-                lt = m_epoch < idx_rep
                 fits = ((m_epoch | m_com) >> W) == 0 if W < 32 else Const(1)
                 from_child = (idx_role == Role.CHILD) & rx_report
                 from_parent = (idx_role == Role.PARENT) & ~rx_report
@@ -660,7 +671,7 @@ class EpochEngine(wiring.Component):
                     m.d.comb += events.malformed.eq(1)
                 with m.Elif(from_child):
                     for p in for_port(idx):
-                        with m.If(~heard[p] | ~lt):
+                        with m.If(~heard[p] | ~m_below):
                             m.d.sync += child_rep[p].eq(m_epoch)
                         m.d.sync += [heard[p].eq(1), child_ver[p].eq(m_ver)]
                     m.d.sync += need_report.eq(1)
@@ -684,9 +695,9 @@ class EpochEngine(wiring.Component):
                 with m.If(fits & from_child & ~self.cmd.valid):
                     # a child's REPORT: recompute REPORT at once (what IDLE would do next;
                     # LOCAL is rescanned first if it is due)
-                    m.d.sync += [idx.eq(0), acc_ok.eq(0)]
+                    m.d.sync += [idx.eq(0), acc_ok.eq(0), primed.eq(0)]
                     with m.If(need_local):
-                        m.d.sync += [need_local.eq(0), l_primed.eq(0)]
+                        m.d.sync += need_local.eq(0)
                         m.next = "LSCAN"
                     with m.Else():
                         m.d.sync += [need_report.eq(0), acc.eq(local), acc_ok.eq(local_valid),
@@ -697,9 +708,9 @@ class EpochEngine(wiring.Component):
             # (its first cycle reads domain 0: the read address comes from registers, never
             # from the decision to start the scan)
             with m.State("LSCAN"):
-                with m.If(~l_primed):
+                with m.If(~primed):
                     m.d.comb += rd.addr.eq(0)
-                    m.d.sync += l_primed.eq(1)
+                    m.d.sync += primed.eq(1)
                 with m.Else():
                     take = Signal()
                     lt = acc < rd.data
@@ -727,10 +738,13 @@ class EpochEngine(wiring.Component):
             acc_new = Signal()          # RFLOOR: acc != REPORT
             sent_new = Signal()         # RFLOOR: sent != REPORT
             with m.State("RSCAN"):
-                scan_step(idx, idx_rep, idx_ver)
-                m.d.sync += idx.eq(idx + 1)
-                with m.If(idx == P - 1):
-                    m.next = "RDONE" if self.cut_through else "RFLOOR"
+                # (its first cycle reads port 0's operands; each later one folds in the port
+                # read the cycle before)
+                m.d.sync += [primed.eq(1), idx.eq(idx + 1)]
+                with m.If(primed):
+                    scan_step(scan_child, scan_reported, scan_rep, scan_ver)
+                    with m.If(scan_last):
+                        m.next = "RDONE" if self.cut_through else "RFLOOR"
             if not self.cut_through:
                 with m.State("RFLOOR"):
                     # (no REPORT load meanwhile: ``sent`` stays what was compared)

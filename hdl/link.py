@@ -752,7 +752,6 @@ class LinkEngine(wiring.Component):
         # (the block RAM's output goes to both streams as it is, whatever the state: it
         # appears late in the cycle, and the register stage after the link gets it directly)
         m.d.comb += [self.ctrl_out.payload.data.eq(rxb_r.data), self.payload_out.payload.data.eq(rxb_r.data)]
-        e_pass = Signal()       # E passes a held payload transfer
         early_arrival = Signal()  # p2: the ctrl transfer at E is being stored right now
         skip = Signal()         # rx_next retires a ctrl transfer E has delivered
         # Receive-side cut-through: the frame whose LEN byte came in the cycle before carries
@@ -881,7 +880,7 @@ class LinkEngine(wiring.Component):
                     m.next = "IDLE"
         # E passes held payload transfers while it is not streaming one of its own.
         with m.If(e_ready & ~e_ctrl & ~(streaming & st_early)):
-            m.d.comb += [e_pass.eq(1), e_moved.eq(1)]
+            m.d.comb += e_moved.eq(1)
             m.d.sync += rx_early.eq(rx_early + 1)
         m.d.comb += advance.eq((delivered & ~p1) | dl_finish | skip)
         with m.If(advance):

@@ -111,7 +111,6 @@ class NICNode(wiring.Component):
             m.d.comb += [
                 link.node_id.eq(self.node_id), link.ver_min.eq(self.ver_min),
                 link.ver_max.eq(self.ver_max), link.enable.eq(self.link_enable[p]),
-                engine.link_up[p].eq(link.status.state == LinkState.UP),
                 # an engine reset inside a message must not splice it with the next one
                 link.ctrl_abort.eq(port_reset[p]),
                 # the message length lets the link put a message on the wire as it comes
@@ -153,6 +152,13 @@ class NICNode(wiring.Component):
                 rx_valid, rx_payload = rx_valid_r, rx_payload_r
             m.d.sync += [link.phy_rx.valid.eq(rx_valid), link.phy_rx.payload.eq(rx_payload)]
             forward_status(m, link.status, self.link[p])
+            # The engine sees a link come up or go down a cycle late, from a flip-flop next to
+            # the link (it fed the engine's send decisions across the chip on the 4-port ECP5
+            # build). That is as if the link had changed a cycle later: a message loaded as
+            # the link goes down is one the engine could have loaded a cycle earlier.
+            link_up = Signal(name=f"link_up{p}")
+            m.d.sync += link_up.eq(link.status.state == LinkState.UP)
+            m.d.comb += engine.link_up[p].eq(link_up)
 
             m.submodules[f"tagger{p}"] = tagger = EpochTagger()
             m.submodules[f"fence{p}"] = fence = EpochFence(self.link_args["counter_width"])

@@ -213,8 +213,7 @@ class RegisterBank(wiring.Component):
                 m.d.sync += self.hw_strobe(inst.name).eq(0)
             elif reg.access is Access.W1C:
                 value = Value.cast(self.hw_port(inst.name))
-                setb = Value.cast(self.hw_set(inst.name)) & reg.mask
-                m.d.sync += value.eq(value | setb)
+                m.d.sync += value.eq(value | self._set_bits(inst))
 
         # Every register works out on its own what a selected read answers and whether a
         # write to it is refused or takes the written value as its answer; the one-hot
@@ -240,6 +239,10 @@ class RegisterBank(wiring.Component):
             ]
         return m
 
+    def _set_bits(self, inst: RegisterInstance) -> Value:
+        """The bits of W1C register ``inst`` that the hardware sets in this cycle."""
+        return Value.cast(self.hw_set(inst.name)) & inst.register.mask
+
     def _answer(self, m: Module, inst: RegisterInstance, write: Value, wdata: Value):
         """Applies a write to ``inst`` (``write``: it is selected and the request writes).
         Returns what the response carries if ``inst`` is selected (unless the write is echoed),
@@ -263,8 +266,7 @@ class RegisterBank(wiring.Component):
             return current, (BusStatus.ILLEGAL_VALUE, illegal_bit), ~illegal_bit
         if reg.access is Access.W1C:
             value = Value.cast(self.hw_port(inst.name))
-            setb = Value.cast(self.hw_set(inst.name)) & reg.mask
-            new = (value & ~wdata[:reg.width]) | setb
+            new = (value & ~wdata[:reg.width]) | self._set_bits(inst)
             with m.If(write):
                 m.d.sync += value.eq(new)
             return Mux(write, new & reg.mask, current), None, Const(0)
