@@ -252,6 +252,7 @@ def _build_locked(spec, top, platform, build_dir, name, seed):
         "board": spec.name, "device": f"{platform.device}-{platform.package}",
         "ports": top.ports, "core": top.core_name, "clk_hz": top.clk_hz,
         "bit_rate": top.bit_rate, "divisor": top.divisor, "seed": seed,
+        "placer_opts": spec.placer_opts,
         "bitstream": str(build_dir / f"{name}.{spec.bitstream_ext}"),
     }
     if nextpnr_report.exists():

@@ -431,6 +431,7 @@ def test_icebreaker_bitstream():
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = _check_report("icebreaker", 2)
     assert report["target_mhz"] == 48 and report["cells_total"] == 5280
+    assert report["placer_opts"] == ""      # nextpnr's defaults
 
 
 @pytest.mark.slow
@@ -439,6 +440,10 @@ def test_ulx3s_bitstream():
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = _check_report("ulx3s-85f", 2)
     assert report["target_mhz"] == 125
+    # the placer options reached nextpnr
+    placer_opts = BOARDS["ulx3s-85f"].placer_opts
+    assert placer_opts and report["placer_opts"] == placer_opts
+    assert placer_opts in (BOARDS["ulx3s-85f"].build_dir() / "build_top.sh").read_text()
 
 
 # --- hardware in the loop -------------------------------------------------------------------
