@@ -629,8 +629,12 @@ class LinkEngine(wiring.Component):
         ct_hazard = Signal()        # comb: ... because it fell behind or was aborted
         ct_on_wire = Signal()       # the serializer is sending the cut-through frame
         ct_len_now = Mux(ct_taking0, self.ctrl_len, ct_hint)
-        ct_ready = ((ct_taking0 | ct_copying) & (ct_len_now != 0) & (ct_len_now <= MAXP) &
-                    ~ct_started & ~ct_bad)
+        # (whether a length is usable is worked out for both candidates side by side, the
+        # hint's kept with it: choosing the length first put the ingest state, a multiplexer
+        # and two comparisons in front of the scheduler's every decision)
+        ctrl_len_ok = (self.ctrl_len != 0) & (self.ctrl_len <= MAXP)
+        ct_hint_ok = Signal()       # ct_hint != 0 and ct_hint <= MAXP
+        ct_ready = ((ct_taking0 & ctrl_len_ok | ct_copying & ct_hint_ok) & ~ct_started & ~ct_bad)
         ct_live = ct_started | ct_start
         written = Mux(ct_taking0, 0, in_index)    # bytes stored before this cycle
         # (only the cut-through frame itself is ever poisoned)
@@ -704,6 +708,7 @@ class LinkEngine(wiring.Component):
                     m.d.comb += ctrl_ingest.eq(self.ctrl_in.valid)
                     with m.If((pick_ctrl | self.payload_in.valid) & ~p1):
                         m.d.sync += [src_ctrl.eq(pick_ctrl), ct_hint.eq(Mux(pick_ctrl, self.ctrl_len, 0)),
+                                     ct_hint_ok.eq(pick_ctrl & ctrl_len_ok),
                                      ct_bad.eq(0)]
                         m.d.comb += ct_taking0.eq(pick_ctrl)
                         take_byte(pick_ctrl, 0)
@@ -1152,6 +1157,13 @@ class LinkEngine(wiring.Component):
         admit = ~is_hello & (up | (seen & ~incompatible))
         c_admit = check("admit", admit)
         c_admit_up = check("admit_up", ~is_hello & ~up & seen & ~incompatible)
+        # whether the frame's transfer is stored, and into which slot (one-hot): an admitted,
+        # well-formed DATA frame in the window whose payload went into the receive buffer
+        # (`dfr.wrote` holds still until the next frame's TYPE). p2 only ANDs this with the
+        # verdict: the whole chain of checks was in front of the receive flags.
+        store = (is_data & admit & (f_len != 0) & (f_len <= MAXP) & data_in_window & dfr.wrote)
+        c_store = check("store", store)
+        c_store_slot = check("store_slot", Cat(*[store & (f_slot == i) for i in range(W)]), W)
         # whether it takes the link down: an incompatible or restarted peer's HELLO, or an
         # admitted REFLECT of a live transfer whose digest is not what we sent
         c_down = check("down", is_hello & ~compatible | hello_ok & up & ~p_seen |
@@ -1272,15 +1284,7 @@ class LinkEngine(wiring.Component):
 
             with m.If(c_data):
                 with m.If(c_in_window):
-                    with m.If(dfr.wrote):
-                        m.d.comb += early_arrival.eq(dfr.flags[_flag_bit(FLAG_CTRL)] & (f_seq == rx_early))
-                        m.d.sync += [rx_len[f_slot].eq(f_len)]
-                        m.d.sync += rx_ctrl.bit_select(f_slot, 1).eq(dfr.flags[_flag_bit(FLAG_CTRL)])
-                        drive("rxv_set", bit=f_slot)
-                        m.d.comb += [rxd_w.addr.eq(f_slot), rxd_w.data.eq(dfr.digest), rxd_w.en.eq(1),
-                                     reflect_q.w_data.eq(Cat(f_seq, dfr.digest)),
-                                     reflect_q.w_en.eq(1)]
-                    with m.Elif(c_held):
+                    with m.If(~dfr.wrote & c_held):
                         # Held already: reflect what we hold, not what just arrived.
                         m.d.comb += [reflect_q.w_data.eq(Cat(f_seq, rx_digest)), reflect_q.w_en.eq(1)]
                 with m.Else():
@@ -1295,6 +1299,16 @@ class LinkEngine(wiring.Component):
                     m.d.comb += incr["reflect_mismatches"].eq(1)
             with m.If(c_signal & dfr.flags[_flag_bit(FLAG_PROBE)]):
                 m.d.sync += probe_reply_due.eq(1)
+
+        # Store an accepted DATA frame's transfer (accept, DATA, in the window, written).
+        with m.If(frame_ok & self.enable & c_store):
+            m.d.comb += early_arrival.eq(dfr.flags[_flag_bit(FLAG_CTRL)] & (f_seq == rx_early))
+            m.d.sync += [rx_len[f_slot].eq(f_len)]
+            m.d.sync += rx_ctrl.bit_select(f_slot, 1).eq(dfr.flags[_flag_bit(FLAG_CTRL)])
+            m.d.comb += [rxd_w.addr.eq(f_slot), rxd_w.data.eq(dfr.digest), rxd_w.en.eq(1),
+                         reflect_q.w_data.eq(Cat(f_seq, dfr.digest)),
+                         reflect_q.w_en.eq(1)]
+        drive("rxv_set", Mux(frame_ok & self.enable, c_store_slot, 0))
 
         # Commit: advance over contiguous reflected transfers, one per cycle.
         with m.If(~reconcile & ~p1 & (tx_commit != tx_next) & reflected.bit_select(slot_of(tx_commit), 1)):
