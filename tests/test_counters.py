@@ -109,6 +109,8 @@ def test_reset_sweeps_the_counters_to_zero_without_losing_new_events():
         ctx.set(bank.events.strobe_a, 0)
         await ctx.tick().repeat(bank.read_lag + 2)
         assert (await bus_access(ctx, bank, 0x20))[1] == 100
+        # (an unknown address answers zero, never a counter)
+        assert await bus_access(ctx, bank, 0x23) == (BusStatus.BAD_ADDRESS, 0, 0)
         ctx.set(clear, 1)
         await ctx.tick()
         ctx.set(clear, 0)
