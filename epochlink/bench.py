@@ -305,8 +305,8 @@ def bench_fpga(_cycles: int, seeds: int = FPGA_SEEDS) -> dict:
     A design that does not fit or misses timing is a measurement here, not an error: its
     report (utilisation from the packer, fmax if placed) is stored with ``fits`` /
     ``timing_met`` false. ``fmax_mhz`` is seed 1's (the bitstream ``make bitstream``
-    writes); a goal point that fits is placed with seeds 1 to ``seeds`` too
-    (``fmax_seeds``, their mean and range).
+    writes); a goal point that fits is also placed with seeds 2 to ``seeds``
+    (``fmax_seeds`` for seeds 1 to ``seeds``, their mean and range).
     """
     from .boards.__main__ import BoardError, build
 
