@@ -34,6 +34,21 @@ class Transport(Protocol):
         """Release the underlying port."""
 
 
+def _refuse_self_connection(port, url: str) -> None:
+    """Close ``port`` and raise :class:`ConnectionRefusedError` if it is a TCP socket connected
+    to itself.
+
+    Nothing listens on a local port in the ephemeral range, but connecting to it can still
+    succeed: the kernel may choose that very port as the connection's own end, and the
+    socket then reads back what it writes (a driver retrying while a simulation starts up
+    would wait for answers that never come).
+    """
+    sock = getattr(port, "_socket", None)      # (pyserial's socket:// handler)
+    if sock is not None and sock.getsockname() == sock.getpeername():
+        port.close()
+        raise ConnectionRefusedError(f"{url}: nothing listens there (the socket connected to itself)")
+
+
 class SerialTransport:
     """A :class:`Transport` on a pyserial port opened with ``serial.serial_for_url``."""
 
@@ -42,6 +57,7 @@ class SerialTransport:
         self.url = url
         self.port = serial.serial_for_url(url, baudrate=baudrate, timeout=0,
                                           write_timeout=write_timeout, **kwargs)
+        _refuse_self_connection(self.port, url)
 
     def write(self, data: bytes) -> None:
         view = memoryview(data)

@@ -296,3 +296,34 @@ def test_node_rejects_bad_arguments(server):
         with pytest.raises(AttributeError):
             node.regs.NOPE
         assert node.regs.port[1].CHAN_CUT.register.access is Access.RW
+
+
+def test_transport_refuses_a_socket_connected_to_itself():
+    # What connecting to a local port nobody listens on can give: the kernel picks that same
+    # port for the connection's own end (forced here by binding it first).
+    from epochlink.host.transport import _refuse_self_connection
+
+    class Port:
+        closed = False
+
+        def __init__(self, sock):
+            self._socket = sock
+
+        def close(self):
+            self.closed = True
+            self._socket.close()
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.connect(sock.getsockname())
+    port = Port(sock)
+    with pytest.raises(ConnectionRefusedError, match="connected to itself"):
+        _refuse_self_connection(port, "socket://127.0.0.1:1")
+    assert port.closed
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        other = socket.create_connection(server.getsockname())
+        port = Port(other)
+        _refuse_self_connection(port, "socket://127.0.0.1:1")    # a real peer: kept
+        assert not port.closed
+        other.close()
