@@ -20,7 +20,7 @@ from amaranth import Cat, Const, Module, Mux, Signal
 from amaranth.lib import memory, wiring
 from amaranth.lib.wiring import In, Out
 
-from .common import phy_rx_signature, phy_tx_signature
+from .common import phy_rx_signature, phy_tx_signature, refuse
 
 __all__ = ["ChannelModel", "LiteChannel", "ber_to_threshold", "threshold_to_byte_error_probability"]
 
@@ -123,9 +123,9 @@ class ChannelModel(wiring.Component):
 
     def __init__(self, *, delay: int = 1, seed: int = 1):
         if not isinstance(delay, int) or delay < 1:
-            raise ValueError(f"delay must be an integer >= 1, not {delay!r}")
+            refuse(self, f"delay must be an integer >= 1, not {delay!r}")
         if not isinstance(seed, int) or seed < 1:
-            raise ValueError(f"seed must be a positive integer, not {seed!r}")
+            refuse(self, f"seed must be a positive integer, not {seed!r}")
         self.delay = delay
         self.seed = seed
         super().__init__()

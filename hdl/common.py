@@ -3,11 +3,13 @@
 One source of truth: the link engine, the channel model, the serial PHY, the epoch
 engine and the board tops all build their ports from these definitions.
 """
+from typing import NoReturn
+
 from amaranth import Signal
 from amaranth.lib import data, stream
 
 __all__ = ["MessageByte", "message_signature", "phy_tx_signature", "phy_rx_signature",
-           "forward_status", "event_layout", "count_events"]
+           "forward_status", "event_layout", "count_events", "refuse"]
 
 
 class MessageByte(data.Struct):
@@ -66,3 +68,13 @@ def count_events(m, events, outputs, width: int) -> None:
         with m.If(amount != 0):
             m.d.sync += counter.eq(counter + amount)
         m.d.comb += getattr(outputs, name).eq(counter)
+
+
+def refuse(component, message: str) -> NoReturn:
+    """Raise ``ValueError(message)`` from ``component``'s constructor.
+
+    A component that refuses its parameters is never built; without this, Amaranth would
+    warn when the half-made object is collected that it was "created but never used".
+    """
+    component._MustUse__silence = True
+    raise ValueError(message)

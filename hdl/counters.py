@@ -27,6 +27,7 @@ from amaranth.lib.wiring import In
 
 from epochlink.registers import RegisterMap
 
+from .common import refuse
 from .regbank import BusStatus, bus_signature
 
 __all__ = ["CounterBank", "counter_field"]
@@ -65,15 +66,15 @@ class CounterBank(wiring.Component):
     def __init__(self, counters, *, width: int = 32):
         counters = [(str(name), int(address), int(inc)) for name, address, inc in counters]
         if not counters:
-            raise ValueError("a counter bank needs at least one counter")
+            refuse(self, "a counter bank needs at least one counter")
         if not 1 <= width <= 32:
-            raise ValueError(f"counter width must be 1..32, not {width}")
+            refuse(self, f"counter width must be 1..32, not {width}")
         for kind, values in (("names", [c[0] for c in counters]),
                              ("addresses", [c[1] for c in counters])):
             if len(set(values)) != len(values):
-                raise ValueError(f"counter {kind} must be unique")
+                refuse(self, f"counter {kind} must be unique")
         if any(inc < 1 for _, _, inc in counters):
-            raise ValueError("increment widths must be at least 1")
+            refuse(self, "increment widths must be at least 1")
         self.counters = counters
         self.width = width
         #: Upper bound on the cycles between two visits of the scanner to one counter.

@@ -22,7 +22,7 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from .common import message_signature, event_layout, count_events
+from .common import message_signature, event_layout, count_events, refuse
 from .link import ctrl_out_signature
 from .epoch_format import (CMD_VALUE_BITS, COMMITTED_CODE_SHIFT, EPOCH_CODE_SHIFT, FLAG_SOLICIT,
                            MSG_LEN, RESERVED_BIT, TYPE_MASK, VERSION_BITS, CmdStatus,
@@ -192,11 +192,11 @@ class EpochEngine(wiring.Component):
 
     def __init__(self, *, domains=8, ports=2, epoch_width=32, counter_width=32, cut_through=True):
         if not 1 <= domains <= 256:
-            raise ValueError(f"domains must be 1..256, not {domains}")
+            refuse(self, f"domains must be 1..256, not {domains}")
         if not 1 <= ports <= 16:
-            raise ValueError(f"ports must be 1..16, not {ports}")
+            refuse(self, f"ports must be 1..16, not {ports}")
         if not 1 <= epoch_width <= 32:
-            raise ValueError(f"epoch_width must be 1..32, not {epoch_width}")
+            refuse(self, f"epoch_width must be 1..32, not {epoch_width}")
         self.domains = domains
         self.ports = ports
         self.epoch_width = epoch_width

@@ -19,7 +19,7 @@ from amaranth import *
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from .common import message_signature, event_layout, count_events
+from .common import message_signature, event_layout, count_events, refuse
 from .epoch_format import FenceMode
 
 __all__ = ["TAG_BYTES", "MARK_BIT", "FenceMode", "EpochTagger", "EpochFence", "FENCE_EVENTS",
@@ -90,7 +90,7 @@ class EpochFence(wiring.Component):
 
     def __init__(self, counter_width: int = 32):
         if not 0 <= counter_width <= 32:
-            raise ValueError(f"counter_width must be 0..32, not {counter_width}")
+            refuse(self, f"counter_width must be 0..32, not {counter_width}")
         self.counter_width = counter_width
         super().__init__({
             "i": In(message_signature()),

@@ -11,7 +11,7 @@ from amaranth.lib.wiring import In, Out
 from epochlink.hostproto import (CRC16_PARAMETERS, MAX_OUTSTANDING, SOF_REQUEST, SOF_RESPONSE,
                                  Opcode, Status)
 
-from .common import count_events, event_layout
+from .common import count_events, event_layout, refuse
 from .regbank import bus_signature
 from .uart import UART_RX_EVENTS, UARTReceiver, UARTTransmitter, uart_divisor
 
@@ -79,9 +79,9 @@ class HostLink(wiring.Component):
     def __init__(self, *, timeout: int, queue_depth: int = MAX_OUTSTANDING,
                  counter_width: int = 32) -> None:
         if timeout < 2:
-            raise ValueError("timeout must be at least 2 cycles")
+            refuse(self, "timeout must be at least 2 cycles")
         if queue_depth < 1:
-            raise ValueError("queue_depth must be at least 1")
+            refuse(self, "queue_depth must be at least 1")
         self.timeout = timeout
         self.queue_depth = queue_depth
         self.counter_width = counter_width
@@ -300,8 +300,8 @@ class UARTHostLink(wiring.Component):
     def __init__(self, *, divisor: int, timeout: int, queue_depth: int = MAX_OUTSTANDING,
                  counter_width: int = 32) -> None:
         if timeout <= 12 * divisor:
-            raise ValueError(f"timeout of {timeout} cycles is not longer than a byte "
-                             f"({10 * divisor} cycles) with margin")
+            refuse(self, f"timeout of {timeout} cycles is not longer than a byte "
+                         f"({10 * divisor} cycles) with margin")
         self.divisor = divisor
         self.timeout = timeout
         self.queue_depth = queue_depth

@@ -49,6 +49,7 @@ from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
 from .channel import _splitmix64, _xorshift
+from .common import refuse
 
 __all__ = ["LineNoise", "ber_to_line_threshold", "line_threshold_to_ber"]
 
@@ -112,19 +113,15 @@ class LineNoise(wiring.Component):
 
     def __init__(self, divisor: int, *, seed: int = 1, cut_level: int = 1):
         if not isinstance(divisor, int) or divisor < 3:
-            self._reject(f"divisor must be an integer >= 3, not {divisor!r}")
+            refuse(self, f"divisor must be an integer >= 3, not {divisor!r}")
         if not isinstance(seed, int) or seed < 1:
-            self._reject(f"seed must be a positive integer, not {seed!r}")
+            refuse(self, f"seed must be a positive integer, not {seed!r}")
         if cut_level not in (0, 1):
-            self._reject(f"cut_level must be 0 or 1, not {cut_level!r}")
+            refuse(self, f"cut_level must be 0 or 1, not {cut_level!r}")
         self.divisor = divisor
         self.seed = seed
         self.cut_level = cut_level
         super().__init__()
-
-    def _reject(self, message):
-        self._MustUse__silence = True           # never built: no "created but never used"
-        raise ValueError(message)
 
     def elaborate(self, platform):
         m = Module()

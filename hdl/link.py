@@ -38,7 +38,8 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import exact_log2
 
-from .common import message_signature, phy_tx_signature, phy_rx_signature, event_layout, count_events
+from .common import (message_signature, phy_tx_signature, phy_rx_signature, event_layout,
+                     count_events, refuse)
 from .frame import (SYNC, FrameType, FLAG_CTRL, FLAG_PROBE, HELLO_FRESH, HELLO_PEER_SEEN,
                     HELLO_LEN, REFLECT_LEN, LINK_COUNTERS, LinkState)
 
@@ -419,9 +420,9 @@ class LinkEngine(wiring.Component):
     def __init__(self, *, window=8, max_payload=64, hello_cycles=None, idle_cycles=None,
                  dead_cycles=None, retx_cycles=None, counter_width=32):
         if window < 2 or window > 64 or window & (window - 1):
-            raise ValueError(f"window must be a power of two in 2..64, not {window}")
+            refuse(self, f"window must be a power of two in 2..64, not {window}")
         if not 1 <= max_payload <= 255:
-            raise ValueError(f"max_payload must be in 1..255, not {max_payload}")
+            refuse(self, f"max_payload must be in 1..255, not {max_payload}")
         frame_cycles = max_payload + 16
         self.window = window
         self.max_payload = max_payload
@@ -430,7 +431,7 @@ class LinkEngine(wiring.Component):
         self.dead_cycles = dead_cycles or 16 * frame_cycles + 256
         self.retx_cycles = retx_cycles or 4 * frame_cycles + 64
         if self.dead_cycles <= 2 * max(self.idle_cycles, self.hello_cycles):
-            raise ValueError("dead_cycles must exceed twice the heartbeat and HELLO periods")
+            refuse(self, "dead_cycles must exceed twice the heartbeat and HELLO periods")
         self.counter_width = counter_width
         super().__init__({
             "phy_tx": Out(phy_tx_signature()),

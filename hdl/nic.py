@@ -24,7 +24,7 @@ from amaranth.lib.wiring import In, Out
 from epochlink.registers import register_map
 
 from .channel import ChannelModel, LiteChannel
-from .common import phy_rx_signature, phy_tx_signature
+from .common import phy_rx_signature, phy_tx_signature, refuse
 from .counters import CounterBank, counter_field
 from .epoch_regs import EpochRegisters, command_addresses
 from .frame import LINK_COUNTERS, OVERHEAD_BYTES, LinkState
@@ -141,15 +141,15 @@ class NICCore(wiring.Component):
         from epochlink.registers import MAX_PORTS
 
         if not 1 <= ports <= MAX_PORTS:
-            raise ValueError(f"ports must be 1..{MAX_PORTS}, not {ports}")
+            refuse(self, f"ports must be 1..{MAX_PORTS}, not {ports}")
         if not 0 <= node_id < 1 << 16:
-            raise ValueError(f"node_id must fit in 16 bits, not {node_id}")
+            refuse(self, f"node_id must fit in 16 bits, not {node_id}")
         if not 1 <= ver_min <= ver_max <= 255:
-            raise ValueError(f"need 1 <= ver_min <= ver_max <= 255, not {ver_min}..{ver_max}")
+            refuse(self, f"need 1 <= ver_min <= ver_max <= 255, not {ver_min}..{ver_max}")
         if not 1 <= counter_width <= 32:
-            raise ValueError(f"counter_width must be 1..32, not {counter_width}")
+            refuse(self, f"counter_width must be 1..32, not {counter_width}")
         if channel not in ("full", "lite"):
-            raise ValueError(f"channel must be 'full' or 'lite', not {channel!r}")
+            refuse(self, f"channel must be 'full' or 'lite', not {channel!r}")
         self.ports = ports
         self.clk_hz = clk_hz
         self.baud = baud or DEFAULT_BAUDRATE
@@ -159,7 +159,7 @@ class NICCore(wiring.Component):
         self.channel = channel
         self.counter_width = counter_width
         if not isinstance(phy_cycles_per_byte, int) or phy_cycles_per_byte < 1:
-            raise ValueError(f"phy_cycles_per_byte must be a positive integer, not {phy_cycles_per_byte!r}")
+            refuse(self, f"phy_cycles_per_byte must be a positive integer, not {phy_cycles_per_byte!r}")
         timers = link_timers(max_payload, phy_cycles_per_byte)
         self.phy_cycles_per_byte = phy_cycles_per_byte
         self.node_args = dict(ports=ports, domains=domains, window=window,

@@ -62,7 +62,7 @@ from amaranth.lib import wiring
 from amaranth.lib.cdc import FFSynchronizer
 from amaranth.lib.wiring import In, Out
 
-from .common import phy_rx_signature, phy_tx_signature
+from .common import phy_rx_signature, phy_tx_signature, refuse
 
 __all__ = ["FRAME_BITS", "SerialTransmitter", "SerialReceiver", "SerialPHY",
            "divisor_for", "line_rate", "payload_rate", "clock_tolerance"]
@@ -76,13 +76,10 @@ DEFAULT_RESYNC_INTERVAL = 64
 
 def _check_divisor(divisor, component=None):
     if not isinstance(divisor, int) or divisor < 3:
-        _reject(component, f"divisor must be an integer >= 3, not {divisor!r}")
-
-
-def _reject(component, message):
-    if component is not None:
-        component._MustUse__silence = True   # never built: no "created but never used" warning
-    raise ValueError(message)
+        message = f"divisor must be an integer >= 3, not {divisor!r}"
+        if component is not None:
+            refuse(component, message)
+        raise ValueError(message)
 
 
 def divisor_for(clk_hz, bit_rate, *, max_error=0.005):
@@ -159,8 +156,8 @@ class SerialTransmitter(wiring.Component):
     def __init__(self, divisor, *, resync_interval=DEFAULT_RESYNC_INTERVAL):
         _check_divisor(divisor, self)
         if not isinstance(resync_interval, int) or resync_interval < 0:
-            _reject(self, f"resync_interval must be a non-negative integer, "
-                          f"not {resync_interval!r}")
+            refuse(self, f"resync_interval must be a non-negative integer, "
+                         f"not {resync_interval!r}")
         self.divisor = divisor
         self.resync_interval = resync_interval
         super().__init__({
@@ -272,7 +269,7 @@ class SerialReceiver(wiring.Component):
         if majority is None:
             majority = divisor >= 5
         if majority and divisor < 5:
-            _reject(self, f"majority sampling needs divisor >= 5, not {divisor}")
+            refuse(self, f"majority sampling needs divisor >= 5, not {divisor}")
         self.divisor = divisor
         self.majority = bool(majority)
         super().__init__({

@@ -69,6 +69,7 @@ from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
 from ..boards.top import NICCore
+from ..hdl.common import refuse
 from ..hdl.line_noise import LineNoise
 from ..hdl.serdes import SerialPHY
 from ..hdl.uart import UARTReceiver, UARTTransmitter, uart_divisor
@@ -129,8 +130,7 @@ class NICCluster(wiring.Component):
         self.seed = seed
         if phy_divisor is not None and (isinstance(phy_divisor, bool) or
                                         not isinstance(phy_divisor, int) or phy_divisor < 3):
-            self._MustUse__silence = True      # never built: no "created but never used"
-            raise ValueError(f"phy_divisor must be None or an integer >= 3, not {phy_divisor!r}")
+            refuse(self, f"phy_divisor must be None or an integer >= 3, not {phy_divisor!r}")
         self.phy_divisor = phy_divisor
         self.core_args = dict(core_args or {})
         if phy_divisor is not None:

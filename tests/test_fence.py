@@ -14,7 +14,7 @@ class Pair(Elaboratable):
     """A tagger feeding a fence; with ``raw`` the fence alone, fed by the test."""
     def __init__(self, raw=False):
         self.raw = raw
-        self.tagger, self.fence = EpochTagger(), EpochFence()
+        self.tagger, self.fence = None if raw else EpochTagger(), EpochFence()
 
     def elaborate(self, platform):
         m = Module()
