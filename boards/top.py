@@ -41,7 +41,7 @@ from amaranth.lib.wiring import In, Out
 
 from ..hdl.channel import LiteChannel
 from ..hdl.nic import NICCore, NICCoreSignature
-from ..hdl.common import phy_rx_signature, phy_tx_signature
+from ..hdl.common import phy_rx_signature, phy_tx_signature, refuse
 from ..hdl.frame import LINK_COUNTERS
 from ..hdl.serdes import SerialPHY, SerialReceiver, SerialTransmitter, divisor_for
 
@@ -80,7 +80,7 @@ class PRBSGenerator(wiring.Component):
 
     def __init__(self, seed=0xACE1):
         if not (seed >> 1) & 0x7FFF:
-            raise ValueError("seed must have a non-zero PRBS state in bits 1..15")
+            refuse(self, "seed must have a non-zero PRBS state in bits 1..15")
         self.seed = seed
         super().__init__({"o": Out(phy_tx_signature())})
 
@@ -418,9 +418,8 @@ class BoardTop(Elaboratable):
                                      f"known: {', '.join(CORES)}")
                 factory = CORES[self.core_name]
             self.divisor = divisor_for(self.clk_hz, bit_rate)
-        except ValueError:
-            self._MustUse__silence = True       # never built: no "never used" warning
-            raise
+        except ValueError as error:
+            refuse(self, str(error))
         self.ports = ports
         self.bit_rate = self.clk_hz / self.divisor
         if self.core_name == "nic":

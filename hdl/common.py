@@ -70,11 +70,11 @@ def count_events(m, events, outputs, width: int) -> None:
         m.d.comb += getattr(outputs, name).eq(counter)
 
 
-def refuse(component, message: str) -> NoReturn:
-    """Raise ``ValueError(message)`` from ``component``'s constructor.
+def refuse(component, message: str, error: type[Exception] = ValueError) -> NoReturn:
+    """Raise ``error(message)`` from ``component``'s constructor.
 
     A component that refuses its parameters is never built; without this, Amaranth would
     warn when the half-made object is collected that it was "created but never used".
     """
     component._MustUse__silence = True
-    raise ValueError(message)
+    raise error(message) from None

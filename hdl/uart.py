@@ -11,7 +11,7 @@ from amaranth.lib import stream, wiring
 from amaranth.lib.cdc import FFSynchronizer
 from amaranth.lib.wiring import In, Out
 
-from .common import count_events, event_layout
+from .common import count_events, event_layout, refuse
 
 __all__ = ["MIN_DIVISOR", "uart_divisor", "UARTReceiver", "UARTTransmitter", "UART_RX_EVENTS"]
 
@@ -76,7 +76,7 @@ class UARTReceiver(wiring.Component):
 
     def __init__(self, divisor: int, *, counter_width: int = 32) -> None:
         if divisor < MIN_DIVISOR:
-            raise ValueError(f"divisor must be at least {MIN_DIVISOR}, not {divisor}")
+            refuse(self, f"divisor must be at least {MIN_DIVISOR}, not {divisor}")
         self.divisor = divisor
         self.counter_width = counter_width
         super().__init__({
@@ -160,7 +160,7 @@ class UARTTransmitter(wiring.Component):
 
     def __init__(self, divisor: int) -> None:
         if divisor < 2:
-            raise ValueError(f"divisor must be at least 2, not {divisor}")
+            refuse(self, f"divisor must be at least 2, not {divisor}")
         self.divisor = divisor
         super().__init__({
             "i": In(stream.Signature(8)),

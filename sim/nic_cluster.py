@@ -119,9 +119,9 @@ class NICCluster(wiring.Component):
                  baud: int = SIM_BAUD, delay: int = 8, seed: int = 1, core_args=None,
                  phy_divisor: int | None = None):
         if not isinstance(topology, Topology):
-            raise TypeError(f"topology must be a Topology, not {topology!r}")
+            refuse(self, f"topology must be a Topology, not {topology!r}", TypeError)
         if not isinstance(seed, int) or seed < 1:
-            raise ValueError(f"seed must be a positive integer, not {seed!r}")
+            refuse(self, f"seed must be a positive integer, not {seed!r}")
         self.topology = topology
         self.core = core
         self.clk_hz = clk_hz
@@ -146,8 +146,7 @@ class NICCluster(wiring.Component):
             try:
                 self.cores.append(self.make_core(i))
             except ValueError as exc:
-                raise ValueError(f"node {i}, a NIC core with {self.ports[i]} link port(s): "
-                                 f"{exc}") from None
+                refuse(self, f"node {i}, a NIC core with {self.ports[i]} link port(s): {exc}")
         members = {"cycle": Out(64)}
         for i in range(topology.nodes):
             members.update({
