@@ -1,7 +1,8 @@
-"""Stream layouts and signatures shared by every epochlink component.
+"""Stream layouts, signatures and helpers shared by every epochlink component.
 
 One source of truth: the link engine, the channel model, the serial PHY, the epoch
-engine and the board tops all build their ports from these definitions.
+engine and the board tops all build their ports from these definitions, count their events
+with :func:`count_events` and refuse bad parameters with :func:`refuse`.
 """
 from typing import NoReturn
 
