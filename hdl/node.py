@@ -134,11 +134,17 @@ class NICNode(wiring.Component):
                     wiring.connect(m, source, stage.i)
                     source = stage.o
                 wiring.connect(m, source, link.ctrl_in)
-            # Register stages on what leaves a link engine: its receive decisions and its
-            # transmit buffer read end in flip-flops, not in the epoch engine or the PHY.
-            m.submodules[f"ctrl_reg{p}"] = ctrl_reg = PipelineRegister(CtrlByte)
-            wiring.connect(m, link.ctrl_out, ctrl_reg.i)
-            wiring.connect(m, ctrl_reg.o, engine.ctrl_in[p])
+            # Register stages on what leaves a link engine: its transmit buffer read ends in
+            # flip-flops, not in the PHY, and in the store-and-forward build (the boards) so
+            # do its receive decisions, not in the epoch engine. The cut-through build skips
+            # that stage: it would cost every hop of a convergence a cycle that the
+            # minimal-frame round trip does not show.
+            if self.cut_through:
+                wiring.connect(m, link.ctrl_out, engine.ctrl_in[p])
+            else:
+                m.submodules[f"ctrl_reg{p}"] = ctrl_reg = PipelineRegister(CtrlByte)
+                wiring.connect(m, link.ctrl_out, ctrl_reg.i)
+                wiring.connect(m, ctrl_reg.o, engine.ctrl_in[p])
             m.submodules[f"tx_reg{p}"] = tx_reg = PipelineRegister(8)
             wiring.connect(m, link.phy_tx, tx_reg.i)
             wiring.connect(m, tx_reg.o, wiring.flipped(self.phy_tx[p]))
