@@ -191,8 +191,10 @@ def bench_host(_cycles: int) -> dict:
 
     The simulation server runs the NICs for 48 MHz with a 12 Mbaud host UART; the driver
     pipelines requests (window 16). Rates come from the server's cycle counter, so they are
-    what the gateware and the UART achieve, independent of the simulator's speed. The floor
-    is the wire time of the longer direction: bytes x 10 / baud per transaction.
+    what the gateware and the UART achieve, independent of the simulator's speed, as long as
+    the driver keeps its window full: the simulation does not wait for the driver, so run
+    this on an otherwise idle machine. The floor is the wire time of the longer direction:
+    bytes x 10 / baud per transaction.
     """
     from .hostproto import MAX_OUTSTANDING, READ_REQUEST_LENGTH, RESPONSE_LENGTH, WRITE_REQUEST_LENGTH
     from .hdl.epoch_format import Role
