@@ -44,7 +44,7 @@ from .frame import (SYNC, FrameType, FLAG_CTRL, FLAG_PROBE, HELLO_FRESH, HELLO_P
                     HELLO_LEN, REFLECT_LEN, LINK_COUNTERS, LinkState)
 
 __all__ = ["LinkEngine", "LinkStatusSignature", "COUNTERS", "LINK_EVENTS", "CtrlByte",
-           "ctrl_out_signature"]
+           "ctrl_out_signature", "link_parameters"]
 
 COUNTERS = LINK_COUNTERS
 #: What moves each counter, cycle by cycle (a re-initialisation aborts several transfers at once).
@@ -379,6 +379,29 @@ class _Deframer(Elaboratable):
 _SyncRead = namedtuple("_SyncRead", "addr en data")
 
 
+def link_parameters(*, window=8, max_payload=64, hello_cycles=None, idle_cycles=None,
+                    dead_cycles=None, retx_cycles=None) -> dict:
+    """A :class:`LinkEngine`'s parameters with its timer defaults filled in.
+
+    Raises ``ValueError`` for parameters a link engine refuses (``TypeError`` for an unknown
+    one), so that a component which builds its link engines only in ``elaborate`` can refuse
+    the same parameters in its constructor.
+    """
+    if window < 2 or window > 64 or window & (window - 1):
+        raise ValueError(f"window must be a power of two in 2..64, not {window}")
+    if not 1 <= max_payload <= 255:
+        raise ValueError(f"max_payload must be in 1..255, not {max_payload}")
+    frame_cycles = max_payload + 16
+    params = dict(window=window, max_payload=max_payload,
+                  hello_cycles=hello_cycles or 4 * frame_cycles,
+                  idle_cycles=idle_cycles or 2 * frame_cycles,
+                  dead_cycles=dead_cycles or 16 * frame_cycles + 256,
+                  retx_cycles=retx_cycles or 4 * frame_cycles + 64)
+    if params["dead_cycles"] <= 2 * max(params["idle_cycles"], params["hello_cycles"]):
+        raise ValueError("dead_cycles must exceed twice the heartbeat and HELLO periods")
+    return params
+
+
 class LinkEngine(wiring.Component):
     """One end of a bilateral, bit-error-proof link.
 
@@ -419,19 +442,18 @@ class LinkEngine(wiring.Component):
 
     def __init__(self, *, window=8, max_payload=64, hello_cycles=None, idle_cycles=None,
                  dead_cycles=None, retx_cycles=None, counter_width=32):
-        if window < 2 or window > 64 or window & (window - 1):
-            refuse(self, f"window must be a power of two in 2..64, not {window}")
-        if not 1 <= max_payload <= 255:
-            refuse(self, f"max_payload must be in 1..255, not {max_payload}")
-        frame_cycles = max_payload + 16
-        self.window = window
-        self.max_payload = max_payload
-        self.hello_cycles = hello_cycles or 4 * frame_cycles
-        self.idle_cycles = idle_cycles or 2 * frame_cycles
-        self.dead_cycles = dead_cycles or 16 * frame_cycles + 256
-        self.retx_cycles = retx_cycles or 4 * frame_cycles + 64
-        if self.dead_cycles <= 2 * max(self.idle_cycles, self.hello_cycles):
-            refuse(self, "dead_cycles must exceed twice the heartbeat and HELLO periods")
+        try:
+            params = link_parameters(window=window, max_payload=max_payload,
+                                     hello_cycles=hello_cycles, idle_cycles=idle_cycles,
+                                     dead_cycles=dead_cycles, retx_cycles=retx_cycles)
+        except ValueError as error:
+            refuse(self, str(error))
+        self.window = params["window"]
+        self.max_payload = params["max_payload"]
+        self.hello_cycles = params["hello_cycles"]
+        self.idle_cycles = params["idle_cycles"]
+        self.dead_cycles = params["dead_cycles"]
+        self.retx_cycles = params["retx_cycles"]
         self.counter_width = counter_width
         super().__init__({
             "phy_tx": Out(phy_tx_signature()),

@@ -29,6 +29,7 @@ from .counters import CounterBank, counter_field
 from .epoch_regs import EpochRegisters, command_addresses
 from .frame import LINK_COUNTERS, OVERHEAD_BYTES, LinkState
 from .hostlink import UARTHostLink
+from .link import link_parameters
 from .node import NICNode
 from .pipeline import PipelineRegister
 from .regbank import BusRequest, RegisterBank
@@ -161,6 +162,10 @@ class NICCore(wiring.Component):
         if not isinstance(phy_cycles_per_byte, int) or phy_cycles_per_byte < 1:
             refuse(self, f"phy_cycles_per_byte must be a positive integer, not {phy_cycles_per_byte!r}")
         timers = link_timers(max_payload, phy_cycles_per_byte)
+        try:
+            link_parameters(window=window, max_payload=max_payload, **{**timers, **link_args})
+        except (TypeError, ValueError) as error:
+            refuse(self, str(error), type(error))
         self.phy_cycles_per_byte = phy_cycles_per_byte
         self.node_args = dict(ports=ports, domains=domains, window=window,
                               max_payload=max_payload, counter_width=0,

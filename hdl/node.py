@@ -18,11 +18,12 @@ from amaranth import *
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from .common import MessageByte, forward_status, message_signature, phy_rx_signature, phy_tx_signature
+from .common import (MessageByte, forward_status, message_signature, phy_rx_signature, phy_tx_signature,
+                     refuse)
 from .epoch import EpochCommand, EpochEngine, EpochResponse, EpochStatusSignature
 from .fence import FENCE_EVENTS, EpochFence, EpochTagger
 from .frame import LinkState
-from .link import CtrlByte, LinkEngine, LinkStatusSignature
+from .link import CtrlByte, LinkEngine, LinkStatusSignature, link_parameters
 from .pipeline import PipelineRegister
 
 __all__ = ["NICNode", "COPY_PREFIX"]
@@ -65,6 +66,10 @@ class NICNode(wiring.Component):
 
     def __init__(self, *, ports=2, domains=8, epoch_width=32, counter_width=32, cut_through=True,
                  **link_args):
+        try:
+            link_parameters(**link_args)  # refused here, not when the link engines are built
+        except (TypeError, ValueError) as error:
+            refuse(self, str(error), type(error))
         self.ports = ports
         self.domains = domains
         self.cut_through = cut_through

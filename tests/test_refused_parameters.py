@@ -20,6 +20,7 @@ from epochlink.hdl.hostlink import HostLink, UARTHostLink
 from epochlink.hdl.line_noise import LineNoise
 from epochlink.hdl.link import LinkEngine
 from epochlink.hdl.nic import NICCore
+from epochlink.hdl.node import NICNode
 from epochlink.hdl.serdes import SerialPHY, SerialReceiver, SerialTransmitter
 from epochlink.hdl.uart import UARTReceiver, UARTTransmitter
 from epochlink.sim.cluster import Topology
@@ -34,6 +35,8 @@ REFUSED = {
     "UARTHostLink": lambda: UARTHostLink(divisor=4, timeout=10),
     "LinkEngine": lambda: LinkEngine(window=3),
     "NICCore": lambda: NICCore(ports=1, clk_hz=48e6, channel="none"),
+    "NICCore (link window)": lambda: NICCore(ports=1, clk_hz=48e6, window=3),
+    "NICNode (link window)": lambda: NICNode(ports=1, window=3),
     "SerialTransmitter": lambda: SerialTransmitter(8, resync_interval=-1),
     "SerialReceiver": lambda: SerialReceiver(4, majority=True),
     "SerialPHY": lambda: SerialPHY(2),
@@ -59,3 +62,29 @@ def test_refused_component_raises_and_does_not_warn(name):
         gc.collect()
     unused = [str(w.message) for w in caught if issubclass(w.category, UnusedElaboratable)]
     assert not unused, unused
+
+
+BAD_LINK_PARAMETERS = [
+    {"window": 3}, {"window": 128}, {"max_payload": 0}, {"max_payload": 256},
+    {"dead_cycles": 10}, {"hello_cycles": 10_000},
+]
+
+
+@pytest.mark.parametrize("kwargs", BAD_LINK_PARAMETERS, ids=lambda kwargs: str(kwargs))
+@pytest.mark.parametrize("build", [
+    lambda **kwargs: NICNode(ports=2, **kwargs),
+    lambda **kwargs: NICCore(ports=2, clk_hz=48e6, **kwargs),
+], ids=["NICNode", "NICCore"])
+def test_nic_refuses_link_parameters_as_the_link_engine_does(build, kwargs):
+    """The NIC builds its link engines only when elaborated; it refuses their parameters in its
+    constructor, with the link engine's own message."""
+    with pytest.raises(ValueError) as by_link:
+        LinkEngine(**kwargs)
+    with pytest.raises(ValueError) as by_nic:
+        build(**kwargs)
+    assert str(by_nic.value) == str(by_link.value)
+
+
+def test_nic_refuses_an_unknown_link_parameter():
+    with pytest.raises(TypeError, match="windw"):
+        NICCore(ports=1, clk_hz=48e6, windw=4)
