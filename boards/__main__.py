@@ -83,7 +83,7 @@ BOARDS = {
         loader_board="ulx3s", usb_ids=("0403", "6015"),
         usb_name="ULX3S (FT231X on the US1 port, USB 0403:6015)",
         # Timing weighs more in the analytic placer (defaults 10 and 2): the NIC's paths are
-        # mostly route, and this keeps each block's critical nets shorter (docs/boards.md).
+        # mostly route, and this keeps each block's critical nets shorter (docs/timing.md).
         placer_opts="--placer-heap-timingweight 30 --placer-heap-critexp 4"),
 }
 
