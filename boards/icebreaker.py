@@ -95,8 +95,9 @@ class ICEBreakerTop(BoardTop):
             for i, (conn, tx, rx) in enumerate(LINK_PINS)
         ])
 
-    def elaborate_clock(self, m, platform):
-        pll = ice40_pll_parameters(self.osc_hz, self.clk_hz)
+    @classmethod
+    def make_sync_domain(cls, m, platform, clk_hz):
+        pll = ice40_pll_parameters(cls.osc_hz, clk_hz)
         clk12 = platform.request("clk12", dir="-")
         m.domains.sync = cd_sync = ClockDomain("sync")
         locked = Signal()

@@ -375,7 +375,7 @@ class BoardTop(Elaboratable):
 
     Subclasses set ``platform_class``, ``clk_hz`` and ``max_ports``, add the link port
     resources (``link`` 0..ports-1, subsignals ``tx``/``rx``) in :meth:`add_resources`, and
-    implement :meth:`elaborate_clock` (define the ``sync`` domain, usually from a PLL) and
+    implement :meth:`make_sync_domain` (define the ``sync`` domain, usually from a PLL) and
     :meth:`elaborate_leds`.
 
     Parameters
@@ -422,14 +422,21 @@ class BoardTop(Elaboratable):
             refuse(self, str(error))
         self.ports = ports
         self.bit_rate = self.clk_hz / self.divisor
-        if self.core_name == "nic":
-            # A byte on the serial PHY: 10 bit times plus the resync gaps (< 1 bit per byte).
-            # At that byte time the epoch engine's cut-through saves nothing worth its longer
-            # critical path (a few cycles a hop against hundreds a message).
-            core_args = {"cut_through": False, **self.nic_args,
-                         "phy_cycles_per_byte": 11 * self.divisor, **(core_args or {})}
-        self.core = factory(ports=ports, clk_hz=self.clk_hz, **(core_args or {}))
+        core_args = self.core_arguments(self.core_name, self.divisor, core_args)
+        self.core = factory(ports=ports, clk_hz=self.clk_hz, **core_args)
         self.phys = [SerialPHY(self.divisor) for _ in range(ports)]
+
+    @classmethod
+    def core_arguments(cls, core_name, divisor, core_args=None):
+        """Keyword arguments of core ``core_name``'s factory on this board besides ``ports``
+        and ``clk_hz``, with a PHY bit divisor of ``divisor``; ``core_args`` override them."""
+        if core_name != "nic":
+            return dict(core_args or {})
+        # A byte on the serial PHY: 10 bit times plus the resync gaps (< 1 bit per byte).
+        # At that byte time the epoch engine's cut-through saves nothing worth its longer
+        # critical path (a few cycles a hop against hundreds a message).
+        return {"cut_through": False, **cls.nic_args, "phy_cycles_per_byte": 11 * divisor,
+                **(core_args or {})}
 
     def led(self, m, platform, name, number, value):
         """Drive LED resource ``name``/``number`` with ``value`` (through an output buffer)."""
@@ -449,9 +456,11 @@ class BoardTop(Elaboratable):
         """Add ``link`` resources 0..``max_ports``-1 (subsignals ``tx``/``rx``)."""
         raise NotImplementedError
 
-    def elaborate_clock(self, m, platform):
-        """Define the ``sync`` domain at ``clk_hz``, held in reset until the clock is stable,
-        and add its clock constraint."""
+    @classmethod
+    def make_sync_domain(cls, m, platform, clk_hz):
+        """Define the ``sync`` domain at ``clk_hz`` (from the board's oscillator through its
+        PLL), held in reset until the clock is stable. Also used by the block builds
+        (:mod:`epochlink.boards.blocks`)."""
         raise NotImplementedError
 
     def elaborate_leds(self, m, platform, *, link_up, link_led, fault_led, commit_led,
@@ -463,7 +472,7 @@ class BoardTop(Elaboratable):
 
     def elaborate(self, platform):
         m = Module()
-        self.elaborate_clock(m, platform)
+        self.make_sync_domain(m, platform, self.clk_hz)
         m.submodules.core = core = self.core
 
         for p, phy in enumerate(self.phys):

@@ -83,8 +83,9 @@ class ULX3STop(BoardTop):
             for i, (tx, rx) in enumerate(LINK_PINS)
         ])
 
-    def elaborate_clock(self, m, platform):
-        pll = ecp5_pll_parameters(self.osc_hz, self.clk_hz)
+    @classmethod
+    def make_sync_domain(cls, m, platform, clk_hz):
+        pll = ecp5_pll_parameters(cls.osc_hz, clk_hz)
         m.submodules.clk25 = clk25 = io.Buffer("i", platform.request("clk25", 0, dir="-"))
         m.domains.sync = cd_sync = ClockDomain("sync")
         locked = Signal()
@@ -92,8 +93,8 @@ class ULX3STop(BoardTop):
         m.d.comb += cd_sync.clk.eq(pll_clk)
         m.submodules.pll = Instance(
             "EHXPLLL",
-            a_FREQUENCY_PIN_CLKI=f"{self.osc_hz / 1e6:g}",
-            a_FREQUENCY_PIN_CLKOP=f"{self.clk_hz / 1e6:g}",
+            a_FREQUENCY_PIN_CLKI=f"{cls.osc_hz / 1e6:g}",
+            a_FREQUENCY_PIN_CLKOP=f"{clk_hz / 1e6:g}",
             a_ICP_CURRENT="12", a_LPF_RESISTOR="8",
             a_MFG_ENABLE_FILTEROPAMP="1", a_MFG_GMCREF_SEL="2",
             p_PLLRST_ENA="DISABLED", p_INTFB_WAKE="DISABLED", p_STDBY_ENABLE="DISABLED",

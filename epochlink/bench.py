@@ -375,8 +375,90 @@ def fpga_table(data: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
+#: (board, ports) whose NIC's blocks the blocks section places alone: the goal points.
+BLOCK_BOARDS = (("icebreaker", 2), ("ulx3s-85f", 4))
+#: The blocks it places. (The node, both engines without the host side, takes about 8 minutes
+#: a placement on the ECP5: `python -m epochlink.boards block ulx3s-85f node` places it.)
+BENCH_BLOCKS = ("link", "epoch")
+
+
+def _place_block(board: str, block: str, ports: int, build_dir: Path, seed: int) -> dict:
+    """One block build's report, or ``{"error": ...}`` if it was not placed."""
+    from .boards.__main__ import BoardError, build_block
+
+    try:
+        return build_block(board, block, ports=ports, seed=seed, build_dir=build_dir)
+    except BoardError as exc:
+        report = build_dir / "report.json"
+        return {**(json.loads(report.read_text()) if report.exists() else {}),
+                "error": str(exc).splitlines()[0]}
+
+
+def bench_blocks(_cycles: int, seeds: int = FPGA_SEEDS) -> dict:
+    """The engines of the goal points' NICs placed alone (``epochlink.boards.blocks``): a link
+    engine and the epoch engine, with the board's NIC parameters, each with seeds 1 to
+    ``seeds``, two builds at a time. Tells a block's own depth from what putting
+    the blocks on one chip costs (compare the fpga section)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = [(board, block, ports, seed) for board, ports in BLOCK_BOARDS for block in BENCH_BLOCKS
+            for seed in range(1, seeds + 1)]
+    with ProcessPoolExecutor(max_workers=2) as pool:
+        reports = list(pool.map(
+            _place_block, *zip(*[(board, block, ports,
+                                  BENCH_DIR / "blocks" / f"{board}-{block}-{ports}" / f"seed{seed}",
+                                  seed) for board, block, ports, seed in jobs])))
+    points = []
+    for board, ports in BLOCK_BOARDS:
+        for block in BENCH_BLOCKS:
+            runs = {seed: r for (b, k, _, seed), r in zip(jobs, reports) if (b, k) == (board, block)}
+            first = runs[1]
+            by_seed = {str(seed): r.get("fmax_mhz") for seed, r in runs.items()}
+            placed = [f for f in by_seed.values() if f is not None]
+            point = {"board": board, "block": block, "ports": ports,
+                     "cells_used": first.get("cells_used"), "cells_total": first.get("cells_total"),
+                     "cells_type": first.get("cells_type"), "ram_used": first.get("ram_used"),
+                     "ram_total": first.get("ram_total"), "fits": first.get("fits"),
+                     "target_mhz": first.get("target_mhz"), "fmax_seeds": by_seed,
+                     "fmax_mean_mhz": round(sum(placed) / len(placed), 2) if placed else None,
+                     "fmax_min_mhz": min(placed, default=None),
+                     "fmax_max_mhz": max(placed, default=None),
+                     "critical_paths": {str(seed): r.get("critical_path")
+                                        for seed, r in runs.items()},
+                     "error": first.get("error") if not placed else None}
+            points.append(point)
+            print(f"  {board:10s} {block:6s} ({ports}-port NIC): {point['cells_used']} "
+                  f"{point['cells_type']}, fmax {by_seed} (target {point['target_mhz']})"
+                  + (f"  [{point['error']}]" if point["error"] else ""), flush=True)
+    return {"points": points, "seeds": seeds}
+
+
+def blocks_table(data: dict) -> str:
+    rows = ["| board | block (NIC ports) | logic used | RAM blocks | fmax (MHz), seeds 1-N | mean | target (MHz) | seed 1's critical path |",
+            "|---|---|---|---|---|---|---|---|"]
+    for p in data["points"]:
+        used = f"{p['cells_used']:,} {p['cells_type']}" if p["cells_used"] else "-"
+        ram = f"{p['ram_used']}" if p["ram_used"] is not None else "-"
+        if p["fmax_mean_mhz"] is None:
+            fmax, mean = "not placed" + (f" ({p['error']})" if p["error"] else ""), "-"
+        else:
+            fmax = " / ".join(f"{f:.1f}" if f else "-" for f in p["fmax_seeds"].values())
+            mean = f"{p['fmax_mean_mhz']:.1f}"
+        path = (p.get("critical_paths") or {}).get("1")
+        where = "-"
+        if path:
+            short = lambda name: re.sub(r"^(isolated\.block\.|isolated\.)", "", name)
+            where = (f"`{short(path['from'])}` to `{short(path['to'])}`, {path['delay_ns']:.2f} ns "
+                     f"({path['route_ns']:.2f} route, LUT levels: {path['logic_levels']})")
+        target = f"{p['target_mhz']:g}" if p["target_mhz"] else "-"
+        rows.append(f"| {p['board']} | {p['block']} ({p['ports']}) | {used} | {ram} | {fmax} | "
+                    f"{mean} | {target} | {where} |")
+    return "\n".join(rows) + "\n"
+
+
 SECTIONS = {"link": (bench_link, link_table), "epoch": (bench_epoch, epoch_table),
-            "host": (bench_host, host_table), "fpga": (bench_fpga, fpga_table)}
+            "host": (bench_host, host_table), "fpga": (bench_fpga, fpga_table),
+            "blocks": (bench_blocks, blocks_table)}
 
 
 def update_docs(section: str, table: str) -> None:
@@ -399,8 +481,8 @@ def main(argv=None) -> int:
                         help="epoch: only clusters of at most N nodes (the 32-node Verilator "
                              "builds take most of the section's time)")
     parser.add_argument("--seeds", type=int, default=FPGA_SEEDS, metavar="N",
-                        help="fpga: place each goal point that fits with seeds 1 to N "
-                             f"(default {FPGA_SEEDS}; 1: seed 1 only)")
+                        help="fpga: place each goal point that fits with seeds 1 to N; "
+                             f"blocks: every block (default {FPGA_SEEDS}; 1: seed 1 only)")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
@@ -416,7 +498,7 @@ def main(argv=None) -> int:
         started = time.perf_counter()
         if section == "epoch" and args.max_nodes is not None:
             data = run(args.cycles, [p for p in EPOCH_POINTS if p[1] <= args.max_nodes])
-        elif section == "fpga":
+        elif section in ("fpga", "blocks"):
             data = run(args.cycles, args.seeds)
         else:
             data = run(args.cycles)

@@ -26,3 +26,21 @@ def test_fpga_table_shows_seed_spread_and_goal_from_seed_one():
     assert "| 113.6 (seeds 1-3: 106.0 to 113.6, mean 110.8) | 125 |" in rows[2]
     assert rows[2].endswith("**missed** |")
     assert "| 130.2 | 125 |" in rows[3] and rows[3].endswith(": met |")
+
+
+def test_blocks_table_shows_every_seed_and_the_critical_path():
+    path = {"from": "isolated.block.tx_buf.0.0", "to": "isolated.block.ser.staged",
+            "delay_ns": 8.21, "logic_ns": 6.07, "route_ns": 2.14, "logic_levels": 1}
+    placed = {"board": "ulx3s-85f", "block": "link", "ports": 4, "cells_used": 2887,
+              "cells_total": 83640, "cells_type": "TRELLIS_COMB", "ram_used": 4, "ram_total": 208,
+              "fits": True, "target_mhz": 125.0, "fmax_seeds": {"1": 121.82, "2": 120.0},
+              "fmax_mean_mhz": 120.91, "fmax_min_mhz": 120.0, "fmax_max_mhz": 121.82,
+              "critical_paths": {"1": path, "2": None}, "error": None}
+    unplaced = {**placed, "board": "icebreaker", "block": "node", "ports": 2, "fits": False,
+                "fmax_seeds": {"1": None}, "fmax_mean_mhz": None, "fmax_min_mhz": None,
+                "fmax_max_mhz": None, "critical_paths": {"1": None},
+                "error": "icebreaker: DOES NOT FIT"}
+    rows = bench.blocks_table({"points": [placed, unplaced]}).splitlines()
+    assert rows[2].startswith("| ulx3s-85f | link (4) | 2,887 TRELLIS_COMB | 4 | 121.8 / 120.0 | 120.9 | 125 |")
+    assert "`tx_buf.0.0` to `ser.staged`, 8.21 ns (2.14 route, LUT levels: 1)" in rows[2]
+    assert "not placed (icebreaker: DOES NOT FIT)" in rows[3] and rows[3].endswith("| - |")

@@ -18,7 +18,7 @@ from amaranth import Elaboratable, Module, Signal
 from amaranth.sim import Simulator
 
 from epochlink.boards.__main__ import (BOARDS, _classify_loader_failure, board_attached,
-                                       parse_nextpnr_report)
+                                       critical_path_summary, parse_nextpnr_report)
 from epochlink.boards.icebreaker import ICEBreakerTop, ice40_pll_parameters
 from epochlink.boards.top import (REPORT_LINE, NICCore, PRBSChecker, PRBSGenerator,
                                   SelfTestCore)
@@ -368,6 +368,25 @@ def test_nextpnr_report_parsing():
     raw["utilization"]["ICESTORM_LC"]["used"] = 6000
     report = parse_nextpnr_report(spec, raw, 48e6)
     assert report["timing_met"] and not report["fits"]
+
+
+def test_critical_path_summary():
+    def step(kind, delay, cell):
+        return {"type": kind, "delay": delay, "from": {"cell": cell}, "to": {"cell": cell}}
+
+    short = [step("clk-to-q", 0.5, "core.a_TRELLIS_FF_Q"), step("routing", 1.0, "x"),
+             step("setup", 0.0, "core.b_TRELLIS_FF_Q_3")]
+    worst = [step("clk-to-q", 5.8, "core.ram.0.0"), step("routing", 2.0, "n"),
+             step("logic", 0.24, "core.c_LUT4_Z"),
+             *[step("logic", 0.07, "core.c$CCU2_COMB0") for _ in range(4)],  # a carry chain
+             step("routing", 0.5, "n"), step("logic", 0.45, "core.c_CCU2C_S0"),
+             step("setup", 0.0, "core.staged_TRELLIS_FF_Q_1")]
+    raw = {"critical_paths": [{"path": short}, {"path": worst}, {"path": []}]}
+    assert critical_path_summary(raw) == {
+        "from": "core.ram.0.0", "to": "core.staged", "delay_ns": 9.27, "logic_ns": 6.77,
+        "route_ns": 2.5, "logic_levels": 2}
+    assert critical_path_summary({"critical_paths": []}) is None
+    assert parse_nextpnr_report(BOARDS["ulx3s-85f"], raw, 125e6)["critical_path"]["to"] == "core.staged"
 
 
 def test_cli_unknown_board():
