@@ -436,7 +436,8 @@ class LinkEngine(wiring.Component):
         that frame fail its FCS and is sent again whole.
     enable : while 0 the link is held DOWN and sends nothing.
     status : :class:`LinkStatusSignature`.
-    rx_buf_access : the receive buffer's write enable and address and read enable and
+    buf_access : for each buffer synthesized without collision logic (``"tx_buf"``,
+        ``"rx_buf"``, ``"rx_digests"``), its write enable and address and read enable and
         address, set by ``elaborate`` for tests that watch them.
     """
 
@@ -493,28 +494,49 @@ class LinkEngine(wiring.Component):
         # ---- buffers -------------------------------------------------------------------
         # Block RAM even when small (synthesis would otherwise build small ones from flip-flops).
         block = {"ram_style": "block"}
-        m.submodules.tx_buf = tx_buf = Memory(shape=8, depth=W * MAXP, init=[], attrs=block)
-        # The receive buffer is never read at an address in the cycle it is written: a slot is
-        # written only while it is free and not being streamed early, and the early stream of
-        # a frame still arriving (SPEC) reads only bytes stored in earlier cycles. Synthesis is
-        # told so (`no_rw_check`) and leaves out its collision logic, a multiplexer behind the
-        # block RAM's 5.8 ns clock-to-out. yosys takes the attribute only where it merges a
-        # register into an asynchronous read port, so the read is written that way: the same
-        # synchronous read with an enable, old data on a collision. The unit tests check the
-        # claim on every cycle (`rx_buf_access`).
-        m.submodules.rx_buf = rx_buf = Memory(shape=8, depth=W * MAXP, init=[],
-                                              attrs={**block, "no_rw_check": 1})
-        m.submodules.tx_digests = tx_digests = Memory(shape=32, depth=W, init=[], attrs=block)
-        m.submodules.rx_digests = rx_digests = Memory(shape=32, depth=W, init=[], attrs=block)
-        txb_w, txb_r = tx_buf.write_port(), tx_buf.read_port()
-        rxb_w, rxb_lookup = rx_buf.write_port(), rx_buf.read_port(domain="comb")
-        rxb_r = _SyncRead(addr=rxb_lookup.addr, en=Signal(name="rxb_r_en"),
-                          data=Signal(8, name="rxb_r_data", reset_less=True))
-        with m.If(rxb_r.en):
-            m.d.sync += rxb_r.data.eq(rxb_lookup.data)
-        self.rx_buf_access = (rxb_w.en, rxb_w.addr, rxb_r.en, rxb_r.addr)
+        # Every buffer is read a cycle after its address is given, with the old data when the
+        # address is written in that cycle. A block RAM leaves such a read undefined, so yosys
+        # emulates it: it delays each write by a cycle and puts a multiplexer behind the RAM's
+        # 5.8 ns clock-to-out (ECP5), the one LUT that made a lone link engine miss 8 ns. Where
+        # no read ever meets a write of its address, synthesis is told so (`no_rw_check`) and
+        # the RAM's data goes straight into a flip-flop:
+        # * the transmit buffer: a slot is written only while it is free and being taken in;
+        #   a frame reads only slots taken in, and a cut-through frame (`ctrl_len`) only the
+        #   bytes of its slot stored in earlier cycles;
+        # * the receive buffer: a slot is written only while it is free and not being streamed
+        #   early, and the early stream of a frame still arriving (SPEC) reads only bytes stored
+        #   in earlier cycles;
+        # * the received digests: written at a DATA frame's p2, read at the next frame's SEQ,
+        #   at least 3 cycles later.
+        # yosys takes the attribute only where it merges a register into an asynchronous read
+        # port, so these reads are written that way (`_sync_read`): the same synchronous read
+        # with an enable, old data on a collision. The unit tests check the claims on every
+        # cycle (`buf_access`). The sent digests are written as a DATA frame goes out and read
+        # as any frame's SEQ comes in, so those can meet: on the ECP5 they are LUT RAM, whose
+        # asynchronous read registered at the write's clock edge is the old data by itself;
+        # elsewhere (the iCE40 has no LUT RAM) yosys's emulation stays.
+        unchecked = {**block, "no_rw_check": 1}
+        m.submodules.tx_buf = tx_buf = Memory(shape=8, depth=W * MAXP, init=[], attrs=unchecked)
+        m.submodules.rx_buf = rx_buf = Memory(shape=8, depth=W * MAXP, init=[], attrs=unchecked)
+        lut_ram = getattr(platform, "family", None) == "ecp5"
+        m.submodules.tx_digests = tx_digests = Memory(
+            shape=32, depth=W, init=[], attrs={"ram_style": "distributed"} if lut_ram else block)
+        m.submodules.rx_digests = rx_digests = Memory(shape=32, depth=W, init=[], attrs=unchecked)
+
+        def _sync_read(memory, name):
+            lookup = memory.read_port(domain="comb")
+            port = _SyncRead(addr=lookup.addr, en=Signal(name=f"{name}_en"),
+                             data=Signal(memory.shape, name=f"{name}_data", reset_less=True))
+            with m.If(port.en):
+                m.d.sync += port.data.eq(lookup.data)
+            return port
+
+        txb_w, txb_r = tx_buf.write_port(), _sync_read(tx_buf, "txb_r")
+        rxb_w, rxb_r = rx_buf.write_port(), _sync_read(rx_buf, "rxb_r")
         txd_w, txd_r = tx_digests.write_port(), tx_digests.read_port()
-        rxd_w, rxd_r = rx_digests.write_port(), rx_digests.read_port()
+        rxd_w, rxd_r = rx_digests.write_port(), _sync_read(rx_digests, "rxd_r")
+        self.buf_access = {name: (w.en, w.addr, r.en, r.addr) for name, w, r in (
+            ("tx_buf", txb_w, txb_r), ("rx_buf", rxb_w, rxb_r), ("rx_digests", rxd_w, rxd_r))}
 
         # ---- link state ----------------------------------------------------------------
         up = Signal()               # transfers flow

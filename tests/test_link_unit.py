@@ -95,18 +95,22 @@ class Peer:
         return Hello.decode(hello.payload)
 
 
-def watch_rx_buf(sim, dut):
-    """Fail the test if the receive buffer is read at an address in the cycle it is written.
+def watch_buffers(sim, dut):
+    """Fail the test if a buffer without collision logic is read at an address in the cycle
+    it is written.
 
-    The buffer is synthesized without collision logic (``no_rw_check``), so such a read would
-    return what the block RAM happens to give.
+    Those buffers are synthesized with ``no_rw_check``, so such a read would return what the
+    block RAM happens to give (``LinkEngine.buf_access``).
     """
-    access = dut.rx_buf_access     # (set when the simulator elaborates the engine)
-
     async def watcher(ctx):
-        async for _, _, we, waddr, re, raddr in ctx.tick().sample(*access):
-            assert not (we and re and waddr == raddr), \
-                f"receive buffer read and written at address {waddr} in one cycle"
+        access = dut.buf_access     # (set when the simulator elaborates the engine)
+        names = list(access)
+        signals = [signal for name in names for signal in access[name]]
+        async for _, _, *values in ctx.tick().sample(*signals):
+            for k, name in enumerate(names):
+                we, waddr, re, raddr = values[4 * k:4 * k + 4]
+                assert not (we and re and waddr == raddr), \
+                    f"{name} read and written at address {waddr} in one cycle"
     sim.add_testbench(watcher, background=True)
 
 
@@ -114,7 +118,7 @@ def run(testbench, **engine_args):
     dut = LinkEngine(**{"window": WINDOW, "max_payload": MAXP, **TIMING, **engine_args})
     sim = Simulator(dut)
     sim.add_clock(1e-8)
-    watch_rx_buf(sim, dut)
+    watch_buffers(sim, dut)
     result = {}
 
     async def bench(ctx):
@@ -602,7 +606,7 @@ def run_tolerant(testbench):
     dut = LinkEngine(window=WINDOW, max_payload=MAXP, **TIMING)
     sim = Simulator(dut)
     sim.add_clock(1e-8)
-    watch_rx_buf(sim, dut)
+    watch_buffers(sim, dut)
 
     async def bench(ctx):
         ctx.set(dut.node_id, 0x1234)
