@@ -437,8 +437,9 @@ class LinkEngine(wiring.Component):
     enable : while 0 the link is held DOWN and sends nothing.
     status : :class:`LinkStatusSignature`.
     buf_access : for each buffer synthesized without collision logic (``"tx_buf"``,
-        ``"rx_buf"``, ``"rx_digests"``), its write enable and address and read enable and
-        address, set by ``elaborate`` for tests that watch them.
+        ``"rx_buf"``, ``"rx_digests"``), its write enable and address, read enable and
+        address, and whether a read meeting a write in that cycle is harmless (a poisoned
+        cut-through frame); set by ``elaborate`` for tests that watch them.
     """
 
     def __init__(self, *, window=8, max_payload=64, hello_cycles=None, idle_cycles=None,
@@ -501,8 +502,10 @@ class LinkEngine(wiring.Component):
         # no read ever meets a write of its address, synthesis is told so (`no_rw_check`) and
         # the RAM's data goes straight into a flip-flop:
         # * the transmit buffer: a slot is written only while it is free and being taken in;
-        #   a frame reads only slots taken in, and a cut-through frame (`ctrl_len`) only the
-        #   bytes of its slot stored in earlier cycles;
+        #   a frame reads only slots taken in, and a cut-through frame (`ctrl_len`) reads the
+        #   slot being taken in but is poisoned (its FCS inverted, the receiver drops it)
+        #   whenever it reads a byte not stored in an earlier cycle, so what such a read
+        #   returns never counts (its digest is written again when the message goes whole);
         # * the receive buffer: a slot is written only while it is free and not being streamed
         #   early, and the early stream of a frame still arriving (SPEC) reads only bytes stored
         #   in earlier cycles;
@@ -535,8 +538,10 @@ class LinkEngine(wiring.Component):
         rxb_w, rxb_r = rx_buf.write_port(), _sync_read(rx_buf, "rxb_r")
         txd_w, txd_r = tx_digests.write_port(), tx_digests.read_port()
         rxd_w, rxd_r = rx_digests.write_port(), _sync_read(rx_digests, "rxd_r")
-        self.buf_access = {name: (w.en, w.addr, r.en, r.addr) for name, w, r in (
-            ("tx_buf", txb_w, txb_r), ("rx_buf", rxb_w, rxb_r), ("rx_digests", rxd_w, rxd_r))}
+        # (write, read, and whether their meeting in this cycle is harmless: `ser.poison`)
+        self.buf_access = {name: (w.en, w.addr, r.en, r.addr, excused) for name, w, r, excused in (
+            ("tx_buf", txb_w, txb_r, ser.poison), ("rx_buf", rxb_w, rxb_r, C(0)),
+            ("rx_digests", rxd_w, rxd_r, C(0)))}
 
         # ---- link state ----------------------------------------------------------------
         up = Signal()               # transfers flow
