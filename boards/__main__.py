@@ -171,10 +171,13 @@ _CELL_SUFFIX = re.compile(r"(_TRELLIS|_LUT4|_CCU2C|_PFUMX|_L6MUX21|_SB_|\$CCU2_)
 
 
 def critical_path_summary(report: dict) -> dict | None:
-    """Where the worst path of a nextpnr ``--report`` JSON dict starts and ends (the signals
-    whose cells they are), its delay, how much of it is logic and route, and its LUT levels
-    (logic steps of more than 0.1 ns: carry-chain steps are shorter)."""
+    """Where the worst register-to-register path of a nextpnr ``--report`` JSON dict starts
+    and ends (the signals whose cells they are), its delay, how much of it is logic and route,
+    and its LUT levels (logic steps of more than 0.1 ns: carry-chain steps are shorter).
+    Paths from or to a pin (``<async>``) count only if there is no other: they do not set the
+    clock's fmax."""
     paths = [p for p in report.get("critical_paths", []) if p.get("path")]
+    paths = [p for p in paths if p.get("from") == p.get("to") != "<async>"] or paths
     if not paths:
         return None
     path = max(paths, key=lambda p: sum(step["delay"] for step in p["path"]))["path"]

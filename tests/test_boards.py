@@ -381,11 +381,18 @@ def test_critical_path_summary():
              *[step("logic", 0.07, "core.c$CCU2_COMB0") for _ in range(4)],  # a carry chain
              step("routing", 0.5, "n"), step("logic", 0.45, "core.c_CCU2C_S0"),
              step("setup", 0.0, "core.staged_TRELLIS_FF_Q_1")]
-    raw = {"critical_paths": [{"path": short}, {"path": worst}, {"path": []}]}
+    to_pin = [step("clk-to-q", 0.5, "led_TRELLIS_FF_Q"), step("routing", 12.0, "led")]
+    clock = "posedge $glbnet$clk"
+    raw = {"critical_paths": [{"from": clock, "to": clock, "path": short},
+                              {"from": clock, "to": clock, "path": worst},
+                              {"from": clock, "to": "<async>", "path": to_pin},
+                              {"from": clock, "to": clock, "path": []}]}
     assert critical_path_summary(raw) == {
         "from": "core.ram.0.0", "to": "core.staged", "delay_ns": 9.27, "logic_ns": 6.77,
         "route_ns": 2.5, "logic_levels": 2}
     assert critical_path_summary({"critical_paths": []}) is None
+    # a path to a pin only when there is nothing else
+    assert critical_path_summary({"critical_paths": [raw["critical_paths"][2]]})["to"] == "led"
     assert parse_nextpnr_report(BOARDS["ulx3s-85f"], raw, 125e6)["critical_path"]["to"] == "core.staged"
 
 
