@@ -382,10 +382,13 @@ BLOCK_BOARDS = (("icebreaker", 2), ("ulx3s-85f", 4))
 BENCH_BLOCKS = ("link", "epoch")
 
 
-def _place_block(board: str, block: str, ports: int, build_dir: Path, seed: int) -> dict:
-    """One block build's report, or ``{"error": ...}`` if it was not placed."""
+def _place_block(job: tuple) -> dict:
+    """The report of one block build ``(board, block, ports, seed)``, or ``{"error": ...}``
+    (and what report there is) if it was not placed."""
     from .boards.__main__ import BoardError, build_block
 
+    board, block, ports, seed = job
+    build_dir = BENCH_DIR / "blocks" / f"{board}-{block}-{ports}" / f"seed{seed}"
     try:
         return build_block(board, block, ports=ports, seed=seed, build_dir=build_dir)
     except BoardError as exc:
@@ -403,11 +406,8 @@ def bench_blocks(_cycles: int, seeds: int = FPGA_SEEDS) -> dict:
 
     jobs = [(board, block, ports, seed) for board, ports in BLOCK_BOARDS for block in BENCH_BLOCKS
             for seed in range(1, seeds + 1)]
-    with ProcessPoolExecutor(max_workers=2) as pool:
-        reports = list(pool.map(
-            _place_block, *zip(*[(board, block, ports,
-                                  BENCH_DIR / "blocks" / f"{board}-{block}-{ports}" / f"seed{seed}",
-                                  seed) for board, block, ports, seed in jobs])))
+    with ProcessPoolExecutor(max_workers=2) as pool:       # (processes: builds change the cwd)
+        reports = list(pool.map(_place_block, jobs))
     points = []
     for board, ports in BLOCK_BOARDS:
         for block in BENCH_BLOCKS:
