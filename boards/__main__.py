@@ -183,6 +183,7 @@ def critical_path_summary(report: dict) -> dict | None:
     path = max(paths, key=lambda p: sum(step["delay"] for step in p["path"]))["path"]
     logic = sum(step["delay"] for step in path if step["type"] in ("logic", "clk-to-q", "setup"))
     route = sum(step["delay"] for step in path if step["type"] == "routing")
+
     def signal(cell):
         return _CELL_SUFFIX.sub("", cell) or cell
 
@@ -262,14 +263,9 @@ def build(board: str, *, ports: int = 2, core: str | None = None, bit_rate: floa
     top = top_class(ports=ports, core=core, bit_rate=bit_rate or LINK_BIT_RATE,
                     core_args=core_args, clk_hz=clk_hz)
     platform = top_class.make_platform()
-    build_dir = Path(build_dir or spec.build_dir())
-    build_dir.mkdir(parents=True, exist_ok=True)
-    # One build per directory at a time (a test run and `make bitstream` may overlap).
-    with open(build_dir / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        header = {"ports": top.ports, "core": top.core_name, "clk_hz": top.clk_hz,
-                  "bit_rate": top.bit_rate, "divisor": top.divisor}
-        return _build_locked(spec, top, platform, build_dir, name, seed, header)
+    header = {"ports": top.ports, "core": top.core_name, "clk_hz": top.clk_hz,
+              "bit_rate": top.bit_rate, "divisor": top.divisor}
+    return _build(spec, top, platform, Path(build_dir or spec.build_dir()), name, seed, header)
 
 
 def build_block(board: str, block: str, *, ports: int = 4, seed: int = 1,
@@ -287,15 +283,11 @@ def build_block(board: str, block: str, *, ports: int = 4, seed: int = 1,
     top_class = spec.top_class()
     component, ties = make_block(block, board_node_args(top_class, ports))
     top = BlockTop(top_class, IsolatedBlock(component, ties))
-    platform = top_class.make_platform()
     build_dir = Path(build_dir or BUILD_ROOT / "blocks" / f"{spec.name}-{block}-{ports}")
-    build_dir.mkdir(parents=True, exist_ok=True)
     header = {"block": block, "ports": ports, "clk_hz": top.clk_hz,
               "input_bits": top.isolated.input_bits, "output_bits": top.isolated.output_bits}
-    with open(build_dir / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        return _build_locked(spec, top, platform, build_dir, "top", seed, header,
-                             require_timing=False)
+    return _build(spec, top, top_class.make_platform(), build_dir, "top", seed, header,
+                  require_timing=False)
 
 
 #: yosys: keep the flip-flops of register copies (``hdl/node.py``) apart, each next to what
@@ -303,7 +295,15 @@ def build_block(board: str, block: str, *, ports: int = 4, seed: int = 1,
 KEEP_REGISTER_COPIES = f"setattr -set keep 1 w:{COPY_PREFIX}* %ci1:+$dff[Q] t:$dff %i"
 
 
-def _build_locked(spec, top, platform, build_dir, name, seed, header, require_timing=True):
+def _build(spec, top, platform, build_dir, name, seed, header, require_timing=True):
+    build_dir.mkdir(parents=True, exist_ok=True)
+    # One build per directory at a time (a test run and `make bitstream` may overlap).
+    with open(build_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _build_locked(spec, top, platform, build_dir, name, seed, header, require_timing)
+
+
+def _build_locked(spec, top, platform, build_dir, name, seed, header, require_timing):
     nextpnr_report = build_dir / f"{name}.nextpnr.json"
     for stale in (nextpnr_report, build_dir / "report.json"):
         if stale.exists():
@@ -486,19 +486,13 @@ def main(argv=None) -> int:
             print(f"{args.board}: OK, report in {BOARDS[args.board].build_dir() / 'report.json'}")
             _print_table(report)
         elif args.command == "block":
-            from .blocks import BLOCKS
-            if args.block not in BLOCKS:
-                parser.print_usage(sys.stderr)
-                print(f"error: unknown block {args.block!r}; valid blocks: {', '.join(BLOCKS)}",
-                      file=sys.stderr)
-                return 2
             report = build_block(args.board, args.block, ports=args.ports, seed=args.seed)
             print(f"{args.board}: block {args.block} placed, report in "
                   f"{Path(report['bitstream']).parent / 'report.json'}")
             _print_table(report)
         else:
             flash(args.board, persist=args.persist, bitstream=args.bitstream)
-    except ValueError as exc:          # bad parameters (ports, bit rate)
+    except ValueError as exc:          # bad parameters (ports, bit rate, block)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except BoardError as exc:

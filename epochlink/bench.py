@@ -301,6 +301,15 @@ def _fmax_over_seeds(board: str, core: str, ports: int, build_dir: Path, seeds) 
         return dict(zip(seeds, results))
 
 
+def _seed_spread(by_seed: dict) -> dict:
+    """``fmax_seeds`` (MHz by seed, None where not placed) and the mean, least and greatest
+    of the placed ones (None if none was)."""
+    placed = [f for f in by_seed.values() if f is not None]
+    return {"fmax_seeds": {str(seed): f for seed, f in by_seed.items()},
+            "fmax_mean_mhz": round(sum(placed) / len(placed), 2) if placed else None,
+            "fmax_min_mhz": min(placed, default=None), "fmax_max_mhz": max(placed, default=None)}
+
+
 def bench_fpga(_cycles: int, seeds: int = FPGA_SEEDS) -> dict:
     """Synthesis, place and route of each board/core/port count with the PyPI toolchain.
 
@@ -332,10 +341,7 @@ def bench_fpga(_cycles: int, seeds: int = FPGA_SEEDS) -> dict:
         if goal is not None and point["fmax_mhz"] is not None and seeds > 1:
             by_seed = {1: point["fmax_mhz"],
                        **_fmax_over_seeds(board, core, ports, build_dir, range(2, seeds + 1))}
-            placed = [f for f in by_seed.values() if f is not None]
-            point.update(fmax_seeds={str(s): f for s, f in by_seed.items()},
-                         fmax_mean_mhz=round(sum(placed) / len(placed), 2),
-                         fmax_min_mhz=min(placed), fmax_max_mhz=max(placed))
+            point.update(_seed_spread(by_seed))
         point["build_s"] = round(time.perf_counter() - started, 1)
         if goal is not None:
             point["goal"] = goal
@@ -413,22 +419,18 @@ def bench_blocks(_cycles: int, seeds: int = FPGA_SEEDS) -> dict:
         for block in BENCH_BLOCKS:
             runs = {seed: r for (b, k, _, seed), r in zip(jobs, reports) if (b, k) == (board, block)}
             first = runs[1]
-            by_seed = {str(seed): r.get("fmax_mhz") for seed, r in runs.items()}
-            placed = [f for f in by_seed.values() if f is not None]
+            spread = _seed_spread({seed: r.get("fmax_mhz") for seed, r in runs.items()})
             point = {"board": board, "block": block, "ports": ports,
                      "cells_used": first.get("cells_used"), "cells_total": first.get("cells_total"),
                      "cells_type": first.get("cells_type"), "ram_used": first.get("ram_used"),
                      "ram_total": first.get("ram_total"), "fits": first.get("fits"),
-                     "target_mhz": first.get("target_mhz"), "fmax_seeds": by_seed,
-                     "fmax_mean_mhz": round(sum(placed) / len(placed), 2) if placed else None,
-                     "fmax_min_mhz": min(placed, default=None),
-                     "fmax_max_mhz": max(placed, default=None),
+                     "target_mhz": first.get("target_mhz"), **spread,
                      "critical_paths": {str(seed): r.get("critical_path")
                                         for seed, r in runs.items()},
-                     "error": first.get("error") if not placed else None}
+                     "error": first.get("error") if spread["fmax_mean_mhz"] is None else None}
             points.append(point)
             print(f"  {board:10s} {block:6s} ({ports}-port NIC): {point['cells_used']} "
-                  f"{point['cells_type']}, fmax {by_seed} (target {point['target_mhz']})"
+                  f"{point['cells_type']}, fmax {spread['fmax_seeds']} (target {point['target_mhz']})"
                   + (f"  [{point['error']}]" if point["error"] else ""), flush=True)
     return {"points": points, "seeds": seeds}
 
