@@ -439,7 +439,7 @@ def _parser():
     p_block = sub.add_parser("block", help="place one block of the nic build alone: its own "
                                            "area and fmax (epochlink.boards.blocks)")
     p_block.add_argument("board", metavar="BOARD", help=f"one of: {boards}")
-    p_block.add_argument("block", metavar="BLOCK", help="one of: link, epoch, node")
+    p_block.add_argument("block", metavar="BLOCK", help="one of: link, links, epoch, node")
     p_block.add_argument("--ports", type=int, default=4,
                          help="ports of the NIC whose block it is (default 4)")
     p_block.add_argument("--seed", type=int, default=1, help="nextpnr placement seed")

@@ -2,8 +2,9 @@
 
 The fmax of a whole board build mixes two things: how deep each block's logic is, and how far
 apart placement puts the blocks' parts on one chip. A block build tells them apart. It takes
-one block (:data:`BLOCKS`: a link engine, the epoch engine, or the node of both) with exactly
-the parameters of the board's ``nic`` build, and wraps it (:class:`IsolatedBlock`) so that:
+one block (:data:`BLOCKS`: a link engine, all the node's link engines side by side, the epoch
+engine, or the node of both) with exactly the parameters of the board's ``nic`` build, and
+wraps it (:class:`IsolatedBlock`) so that:
 
 * every input bit comes from a flip-flop of one long shift register, fed by one pin;
 * every output bit goes into a flip-flop, and a registered tree of XORs folds them into one
@@ -19,8 +20,9 @@ writes ``build/blocks/<board>-<block>-<ports>/report.json`` (the board report's 
 ``block`` in place of ``core``). Unlike ``build`` it does not fail when timing is missed: the
 fmax is the measurement. docs/timing.md has what these builds found.
 """
-from amaranth import Cat, Elaboratable, Module, Signal, Value
+from amaranth import Cat, Const, Elaboratable, Module, Signal, Value
 from amaranth.lib import io, wiring
+from amaranth.lib.wiring import Out
 
 from ..hdl.epoch import EpochEngine
 from ..hdl.link import LinkEngine
@@ -29,7 +31,7 @@ from ..hdl.node import NICNode
 from ..hdl.serdes import divisor_for
 from .top import LINK_BIT_RATE
 
-__all__ = ["BLOCKS", "IsolatedBlock", "BlockTop", "board_node_args", "make_block"]
+__all__ = ["BLOCKS", "IsolatedBlock", "BlockTop", "LinkEngines", "board_node_args", "make_block"]
 
 
 def board_node_args(board_top_class, ports):
@@ -60,6 +62,40 @@ def _link(node_args):
     return LinkEngine(**node.link_args), ties
 
 
+class LinkEngines(wiring.Component):
+    """A node's link engines side by side, as one component, without the epoch engine between
+    them: member ``link<i>`` is ``engines[i]``'s interface, passed through as it is."""
+
+    def __init__(self, engines):
+        self.engines = list(engines)
+        super().__init__({f"link{i}": Out(engine.signature) for i, engine in enumerate(self.engines)})
+
+    def elaborate(self, platform):
+        m = Module()
+        for i, engine in enumerate(self.engines):
+            m.submodules[f"link{i}"] = engine
+            outer = getattr(self, f"link{i}")
+            for path, member, value in engine.signature.flatten(engine):
+                mine = _member(outer, path)
+                target, source = (value, mine) if member.flow == wiring.In else (mine, value)
+                if not isinstance(target, Const):      # (an always-ready stream's `ready`)
+                    m.d.comb += target.eq(source)
+        return m
+
+
+def _member(interface, path):
+    """The member of ``interface`` at ``path`` (as yielded by ``signature.flatten``)."""
+    for step in path:
+        interface = interface[step] if isinstance(step, int) else getattr(interface, step)
+    return interface
+
+
+def _links(node_args):
+    engines, ties = zip(*(_link(node_args) for _ in range(node_args["ports"])))
+    return LinkEngines(engines), {(f"link{i}", *path): value for i, engine_ties in enumerate(ties)
+                                  for path, value in engine_ties.items()}
+
+
 def _epoch(node_args):
     node = _parameters_only(NICNode(**node_args))
     return EpochEngine(**node.epoch_args), {}
@@ -71,7 +107,7 @@ def _node(node_args):
 
 #: Block name -> ``factory(node_args)`` returning the component and the inputs its NIC ties to
 #: constants (``{path: value}``, paths as in ``signature.flatten``).
-BLOCKS = {"link": _link, "epoch": _epoch, "node": _node}
+BLOCKS = {"link": _link, "links": _links, "epoch": _epoch, "node": _node}
 
 
 def make_block(name, node_args):

@@ -1154,8 +1154,12 @@ class LinkEngine(wiring.Component):
                  Mux(is_hello, f_len == HELLO_LEN, 0))))
         data_in_window = lt_w(_mod(f_seq - rx_next))
         data_behind = le_w(_mod(rx_next - f_seq))
-        # live: f_seq in [tx_commit, tx_next) (at most W transfers)
-        refl_live = lt_w(_mod(f_seq - tx_commit)) & uncommitted_mask.bit_select(f_slot, 1)
+        # live: f_seq in [tx_commit, tx_next) (at most W transfers), as an offset from
+        # tx_commit below the uncommitted count, compared in plain logic (as the mask of
+        # uncommitted slots looked up by f_slot, it was the longest path into c_well_formed)
+        refl_off = _mod(f_seq - tx_commit)
+        refl_live = lt_w(refl_off) & (tx_uncommitted[slot_bits] |
+                                      lut_lt(refl_off[:slot_bits], tx_uncommitted[:slot_bits]))
         refl_behind = le_w(_mod(tx_commit - f_seq))
         seq_ok = Mux(is_data, data_in_window | data_behind,
                  Mux(is_reflect, refl_live | refl_behind, 1))
@@ -1227,27 +1231,36 @@ class LinkEngine(wiring.Component):
         # Offsets from tx_free are taken a cycle ahead of p1: DCUR and a HELLO's fields are in
         # at least the four FCS bytes before the frame's end, and tx_free only moves in p2,
         # at least a minimal frame (11 bytes) before the next p1.
-        dcur_off, commit_off, next_off = Signal(8), Signal(8), Signal(8)
-        m.d.sync += [dcur_off.eq(_mod(dfr.dcur - tx_free)), commit_off.eq(_mod(p_rx_commit - tx_free)),
-                     next_off.eq(_mod(p_rx_next - tx_free))]
+        dcur_off = Signal(8)
+        m.d.sync += dcur_off.eq(_mod(dfr.dcur - tx_free))
         # The peer's delivery cursor for what we send: frees our copies up to tx_commit.
         c_dcur_ok = check("dcur_ok", (dcur_off != 0) & le_w(dcur_off) &
                           (low(dcur_off) <= low(_mod(tx_commit - tx_free))))
         c_dcur_freed = check("dcur_freed", range_mask(tx_free, low(dcur_off)), W)
 
         # Reconciliation with a HELLO when we are not fresh: the peer committed everything
-        # before p_rx_commit and delivered everything before p_rx_next.
-        peer_ok = (~p_fresh & le_w(commit_off) & (low(commit_off) <= low(tx_in_flight)) &
-                   le_w(next_off) & (low(next_off) <= low(commit_off)))
+        # before p_rx_commit and delivered everything before p_rx_next. What depends on the
+        # HELLO's fields and tx_free alone is worked out a cycle ahead, as the offsets are;
+        # only tx_next, which ingest may move until p1, is compared in p1.
+        cursors_ok, rec_freed, peer_committed = Signal(), Signal(W), Signal(W)
+        commit_ahead, next_ahead = _mod(p_rx_commit - tx_free), _mod(p_rx_next - tx_free)
+        m.d.sync += [cursors_ok.eq(~p_fresh & le_w(commit_ahead) & le_w(next_ahead) &
+                                   (low(next_ahead) <= low(commit_ahead))),
+                     rec_freed.eq(range_mask(tx_free, low(next_ahead))),
+                     peer_committed.eq(range_mask(tx_free, low(commit_ahead)))]
+        # (p_rx_commit - tx_free <= tx_in_flight, both <= W, exactly when
+        # tx_next - p_rx_commit <= W, as W < 128)
+        redo_peer = _mod(tx_next - p_rx_commit)
+        peer_ok = cursors_ok & le_w(redo_peer)
         c_new_free = check("new_free", Mux(peer_ok, p_rx_next, tx_free), 8)
         c_new_commit = check("new_commit", Mux(peer_ok, p_rx_commit, tx_free), 8)
-        c_rec_freed = check("rec_freed", Mux(peer_ok, range_mask(tx_free, low(next_off)), 0), W)
-        # what is sent again: [new commit cursor, tx_next), both candidates worked out side by
-        # side (choosing the cursor first and then subtracting was the longest path)
-        redo_peer, redo_own = _mod(tx_next - p_rx_commit), _mod(tx_next - tx_free)
-        c_redo = check("redo", Mux(peer_ok, range_mask(p_rx_commit, low(redo_peer)),
-                                   range_mask(tx_free, low(redo_own))), W)
-        c_redo_count = check("redo_count", Mux(peer_ok, redo_peer, redo_own), 8)
+        c_rec_freed = check("rec_freed", rec_freed & peer_ok.replicate(W), W)
+        # what is sent again: [new commit cursor, tx_next), that is the transfers in flight
+        # but for those before p_rx_commit if the peer's cursors are taken (a mask from
+        # the peer's cursor itself was the longest path)
+        in_flight_mask = range_mask(tx_free, low(tx_in_flight))
+        c_redo = check("redo", in_flight_mask & ~(peer_committed & peer_ok.replicate(W)), W)
+        c_redo_count = check("redo_count", Mux(peer_ok, redo_peer, tx_in_flight), 8)
 
         # -- p2: apply --
         frame_ok = Signal()

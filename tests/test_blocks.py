@@ -16,7 +16,7 @@ from amaranth.lib.wiring import In, Out
 from amaranth.sim import Simulator
 
 from epochlink.boards.__main__ import BUILD_ROOT
-from epochlink.boards.blocks import BLOCKS, IsolatedBlock, board_node_args, make_block
+from epochlink.boards.blocks import BLOCKS, IsolatedBlock, LinkEngines, board_node_args, make_block
 from epochlink.boards.icebreaker import ICEBreakerTop
 from epochlink.boards.ulx3s import ULX3STop
 from epochlink.hdl.link import LinkEngine
@@ -70,6 +70,31 @@ def test_isolated_block_drives_every_input_and_shows_every_output():
     sim.run()
 
 
+def test_link_engines_side_by_side_pass_every_member_through():
+    iso = IsolatedBlock(LinkEngines([_Sum(), _Sum()]), ties={("link1", "k"): 0})
+    assert (iso.input_bits, iso.output_bits) == (8 + 8 + 2, 7 + 7)
+    Fragment.get(iso, None)
+    engines = LinkEngines([_Sum(), _Sum()])
+
+    async def bench(ctx):
+        rng = random.Random(7)
+        for _ in range(50):
+            for name in ("link0", "link1"):
+                for member in ("a", "b", "k"):
+                    ctx.set(getattr(getattr(engines, name), member), rng.getrandbits(2))
+            await ctx.delay(1e-9)
+            for i, name in enumerate(("link0", "link1")):
+                inner, outer = engines.engines[i], getattr(engines, name)
+                assert ctx.get(inner.a) == ctx.get(outer.a) and ctx.get(inner.b) == ctx.get(outer.b)
+                assert ctx.get(outer.y) == ctx.get(inner.a) + ctx.get(inner.b)
+                assert ctx.get(inner.k) == ctx.get(outer.k)
+                assert ctx.get(outer.z) == (ctx.get(inner.k) != 0)
+
+    sim = Simulator(engines)
+    sim.add_testbench(bench)
+    sim.run()
+
+
 def test_isolated_block_refuses_a_tie_that_is_not_a_member():
     with pytest.raises(ValueError, match="not members of the block: nope"):
         IsolatedBlock(_Sum(), ties={("nope",): 0})
@@ -87,17 +112,20 @@ def test_blocks_use_the_board_nic_parameters(top_class):
     assert ties == {("ctrl_len",): 0}       # the boards' store-and-forward node ties it
     epoch, ties = make_block("epoch", args)
     assert isinstance(epoch, EpochEngine) and ties == {}
-    for block, block_ties in ((link, {("ctrl_len",): 0}), (epoch, {})):
+    links, links_ties = make_block("links", args)
+    assert [type(engine) for engine in links.engines] == [LinkEngine, LinkEngine]
+    assert links_ties == {("link0", "ctrl_len"): 0, ("link1", "ctrl_len"): 0}
+    for block, block_ties in ((link, {("ctrl_len",): 0}), (epoch, {}), (links, links_ties)):
         Fragment.get(IsolatedBlock(block, block_ties), None)
-    with pytest.raises(ValueError, match="valid blocks: link, epoch, node"):
+    with pytest.raises(ValueError, match="valid blocks: link, links, epoch, node"):
         make_block("serdes", args)
     with pytest.raises(ValueError, match="supports 1..8 ports"):
         board_node_args(top_class, 9)
-    assert set(BLOCKS) == {"link", "epoch", "node"}
+    assert set(BLOCKS) == {"link", "links", "epoch", "node"}
 
 
 def test_block_cli_refuses_bad_arguments():
-    for args, message in ((("icebreaker", "serdes"), "valid blocks: link, epoch, node"),
+    for args, message in ((("icebreaker", "serdes"), "valid blocks: link, links, epoch, node"),
                           (("icebreaker", "link", "--ports", "0"), "supports 1..8 ports"),
                           (("de0-nano", "link"), "valid boards: icebreaker, ulx3s-85f")):
         result = run_cli("block", *args, timeout=120)

@@ -516,13 +516,56 @@ def test_reinit_keeps_sender_window_at_receivers_delivery_cursor():
         await peer.send_frame(Frame(FrameType.HELLO, payload=Hello(0x77, 1, 1, 0, 0, rx_commit=WINDOW, rx_next=0).encode()))
         hello = Hello.decode((await peer.wait_for(lambda f: f.type == FrameType.HELLO)).payload)
         await peer.send_frame(Frame(FrameType.HELLO, payload=Hello(0x77, 1, 1, HELLO_PEER_SEEN, 0, WINDOW, 0).encode()))
-        await peer.tick(20)
+        await peer.tick(300)     # (long enough for a resend to show)
         assert peer.state() == LinkState.UP
         assert ctx.get(dut.status.in_flight) == WINDOW and ctx.get(dut.status.tx_commit) == WINDOW
         assert not [f for f in peer.frames if f.type == FrameType.DATA], "resent committed transfers"
         await peer.send_frame(Frame(FrameType.SIGNAL, dcur=WINDOW))
         await peer.tick(10)
         assert ctx.get(dut.status.in_flight) == 0
+    run(bench)
+
+
+def test_reinit_resends_only_what_the_peer_did_not_commit():
+    """A re-init HELLO whose commit cursor is inside our window: the transfers before it
+    happened (they stay in flight until delivered), those after it are sent again, and
+    nothing else is."""
+    async def bench(dut, ctx, peer):
+        await peer.bring_up()
+        for i in range(WINDOW):
+            await push_message(peer, dut.payload_in, bytes([i]))
+            await peer.wait_for(lambda f: f.type == FrameType.DATA)
+        assert ctx.get(dut.status.tx_commit) == 0            # nothing reflected
+        committed = 2
+        await peer.send_frame(Frame(FrameType.HELLO, payload=Hello(0x77, 1, 1, 0, 0, committed, 0).encode()))
+        await peer.wait_for(lambda f: f.type == FrameType.HELLO)
+        await peer.send_frame(Frame(FrameType.HELLO, payload=Hello(0x77, 1, 1, HELLO_PEER_SEEN, 0, committed, 0).encode()))
+        await peer.tick(300)
+        assert peer.state() == LinkState.UP
+        assert ctx.get(dut.status.tx_commit) == committed and ctx.get(dut.status.in_flight) == WINDOW
+        resent = {f.seq for f in peer.frames if f.type == FrameType.DATA}
+        assert resent == set(range(committed, WINDOW)), resent
+    run(bench)
+
+
+def test_reinit_with_cursors_beyond_what_was_sent_resends_everything():
+    """A re-init HELLO that claims transfers we never sent (its commit cursor is past our
+    next sequence number) is not believed: nothing counts as committed and everything in
+    flight is sent again."""
+    async def bench(dut, ctx, peer):
+        await peer.bring_up()
+        for i in range(2):
+            await push_message(peer, dut.payload_in, bytes([i]))
+            await peer.wait_for(lambda f: f.type == FrameType.DATA)
+        for bogus in (3, 2 + WINDOW):
+            await peer.send_frame(Frame(FrameType.HELLO, payload=Hello(0x77, 1, 1, 0, 0, bogus, 0).encode()))
+            await peer.wait_for(lambda f: f.type == FrameType.HELLO)
+            await peer.send_frame(Frame(FrameType.HELLO, payload=Hello(0x77, 1, 1, HELLO_PEER_SEEN, 0, bogus, 0).encode()))
+            await peer.tick(300)
+            assert peer.state() == LinkState.UP
+            assert ctx.get(dut.status.tx_commit) == 0 and ctx.get(dut.status.tx_next) == 2
+            assert {f.seq for f in peer.frames if f.type == FrameType.DATA} == {0, 1}
+            peer.frames.clear()
     run(bench)
 
 
