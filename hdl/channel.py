@@ -91,7 +91,9 @@ class ChannelModel(wiring.Component):
         An error event hits a byte when a fresh 32-bit random number is below this, so
         P(event per byte) = ``error_threshold / 2**32``. An event flips exactly one bit,
         chosen uniformly; the bit error rate is therefore P(event) / 8
-        (see :func:`ber_to_threshold`).
+        (see :func:`ber_to_threshold`). The random number is compared with the threshold
+        a cycle ahead, so a new threshold applies from the cycle after it is set (the same
+        for ``burst_threshold``).
     burst_threshold : In(32)
         Each byte outside a burst starts one with probability ``burst_threshold / 2**32``.
     burst_length : In(16)
@@ -142,29 +144,36 @@ class ChannelModel(wiring.Component):
 
         s64_init, s8_init = self._prng_inits()
         s64 = Signal(64, init=s64_init)
+        s64_next = _xorshift(s64, 64, 13, 7, 17)
         s8 = Signal(8, init=s8_init)
         m.d.sync += [
-            s64.eq(_xorshift(s64, 64, 13, 7, 17)),
+            s64.eq(s64_next),
             # Galois LFSR, x^8 + x^6 + x^5 + x^4 + 1: period 255, all nonzero bytes.
             s8.eq((s8 >> 1) ^ Mux(s8[0], 0xB8, 0)),
         ]
 
-        # Single-bit error events.
-        event = s64[:32] < self.error_threshold
+        # The comparisons of the random words with the thresholds are made a cycle ahead,
+        # from the generator's next state, so that only registered decisions reach the byte
+        # on the wire. (A threshold written in cycle t therefore applies from cycle t + 1, and
+        # the cycle that leaves reset draws no event and starts no burst.)
+        event, burst_draw = Signal(), Signal()
+        m.d.sync += [event.eq(s64_next[:32] < self.error_threshold),
+                     burst_draw.eq(s64_next[32:] < self.burst_threshold)]
         flip_bit = s64[32:35]
         flip = Signal(8)
         m.d.comb += flip.eq(Cat(*(event & (flip_bit == i) for i in range(8))))
 
-        # Bursts. burst_left counts the burst bytes still to come after the current one.
+        # Bursts. burst_left counts the burst bytes still to come after the current one;
+        # `burst_on` is burst_left != 0, kept as a flag beside it.
         burst_left = Signal(16)
-        burst_start = (burst_left == 0) & (self.burst_length != 0) & \
-            (s64[32:] < self.burst_threshold)
-        in_burst = (burst_left != 0) | burst_start
+        burst_on = Signal()
+        burst_start = ~burst_on & (self.burst_length != 0) & burst_draw
+        in_burst = burst_on | burst_start
         with m.If(tx.valid):
-            with m.If(burst_left != 0):
-                m.d.sync += burst_left.eq(burst_left - 1)
+            with m.If(burst_on):
+                m.d.sync += [burst_left.eq(burst_left - 1), burst_on.eq(burst_left != 1)]
             with m.Elif(burst_start):
-                m.d.sync += burst_left.eq(self.burst_length - 1)
+                m.d.sync += [burst_left.eq(self.burst_length - 1), burst_on.eq(self.burst_length != 1)]
 
         mask = Signal(8)
         m.d.comb += mask.eq(flip ^ Mux(in_burst, s8, 0))

@@ -130,12 +130,16 @@ class CounterBank(wiring.Component):
         index_r = Signal.like(index)
         with m.If(req.valid & req.ready):
             m.d.sync += [hit_r.eq(hit), index_r.eq(index)]
+        # The word read goes into a flip-flop as it is (a block RAM's data comes late in the
+        # cycle), and the answer's data is selected behind it.
+        word = Signal(self.width)
         with m.If(fetched):
             m.d.sync += [
                 rsp.payload.status.eq(Mux(~hit_r, BusStatus.BAD_ADDRESS,
                                           Mux(request.write, BusStatus.READ_ONLY, BusStatus.OK))),
-                rsp.payload.rdata.eq(Mux(hit_r, rd.data, 0)),
+                word.eq(rd.data),
             ]
+        m.d.comb += rsp.payload.rdata.eq(Mux(hit_r, word, 0))
 
         # ---- scanner: read counter `scan` (unless the bus has the port), add its pending
         # amount and write the sum back two cycles later.

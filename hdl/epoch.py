@@ -735,6 +735,7 @@ class EpochEngine(wiring.Component):
             # same cycle, once the longest path of that build.
             below_floor = Signal()      # RFLOOR: acc < sent
             below_committed = Signal()  # RROOT: acc < COMMITTED
+            at_committed = Signal()     # RROOT: acc == COMMITTED
             acc_new = Signal()          # RFLOOR: acc != REPORT
             sent_new = Signal()         # RFLOOR: sent != REPORT
             with m.State("RSCAN"):
@@ -775,13 +776,13 @@ class EpochEngine(wiring.Component):
             if not self.cut_through:
                 with m.State("RROOT"):
                     lt = acc < committed
-                    m.d.sync += below_committed.eq(lt)
+                    m.d.sync += [below_committed.eq(lt), at_committed.eq(acc == committed)]
                     m.next = "COMMIT"
             with m.State("COMMIT"):
                 # the root: its subtree is the whole tree (acc still holds REPORT)
                 if self.cut_through:
-                    m.d.comb += below_committed.eq(acc < committed)
-                with m.If(~below_committed & (acc != committed)):
+                    m.d.comb += [below_committed.eq(acc < committed), at_committed.eq(acc == committed)]
+                with m.If(~below_committed & ~at_committed):
                     m.d.sync += committed.eq(acc)
                     m.d.comb += pend_kids.eq(1)
                 with m.If(ver_conv != ver_report):

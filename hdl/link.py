@@ -795,7 +795,8 @@ class LinkEngine(wiring.Component):
         early_moved = Signal()  # E was pulled back during an early stream: don't advance it
         out_index = Signal(8)
         st_slot = Signal(slot_bits)    # the slot being streamed
-        st_len = Signal(8)             # its length (rx_len of st_slot, held while streaming)
+        st_final = Signal(8)           # its length less one (from rx_len of st_slot)
+        st_last = Signal()             # out_index == the length, kept as a flag as it moves
         st_ctrl = Signal()
         st_early = Signal()
         streaming = Signal()
@@ -879,18 +880,19 @@ class LinkEngine(wiring.Component):
                     m.d.comb += skip.eq(1)
             with m.State("FETCH"):
                 m.d.comb += [streaming.eq(1), rxb_r.en.eq(1)]
-                m.d.sync += [out_index.eq(1), st_len.eq(rx_len[st_slot])]
+                fetched_len = rx_len[st_slot]
+                m.d.sync += [out_index.eq(1), st_final.eq(fetched_len - 1), st_last.eq(fetched_len == 1)]
                 m.next = "STREAM"
             with m.State("STREAM"):
                 m.d.comb += streaming.eq(1)
-                last = out_index == st_len
+                last = st_last
                 for port, is_ctrl in ((self.ctrl_out, 1), (self.payload_out, 0)):
                     m.d.comb += [port.valid.eq(st_ctrl == is_ctrl),
                                  port.payload.last.eq(last)]
                 ready = Mux(st_ctrl, self.ctrl_out.ready, self.payload_out.ready)
                 with m.If(ready):
                     m.d.comb += rxb_r.en.eq(1)
-                    m.d.sync += out_index.eq(out_index + 1)
+                    m.d.sync += [out_index.eq(out_index + 1), st_last.eq(out_index == st_final)]
                     with m.If(last):
                         m.d.comb += incr["delivered"].eq(1)
                         with m.If(st_early):

@@ -300,9 +300,13 @@ class NICCore(wiring.Component):
         m.submodules[f"channel{p}"] = channel
         phy_tx, phy_rx, status = self.phy_tx[p], self.phy_rx[p], node.link[p]
         engine_tx, engine_rx = node.phy_tx[p], node.phy_rx[p]
-        loopback = reg("CONTROL").loopback
+        # CONTROL is copied into flip-flops next to the port (a cycle later): its bits fan
+        # out into the link engine's receive path, far from the register bank.
+        control = Signal.like(reg("CONTROL"), name=f"control{p}")
+        m.d.sync += control.eq(reg("CONTROL"))
+        loopback = control.loopback
         m.d.comb += [
-            node.link_enable[p].eq(reg("CONTROL").enable),
+            node.link_enable[p].eq(control.enable),
             node.payload_in[p].valid.eq(0),
             node.payload_out[p].ready.eq(1),
             # Transmit: to the PHY, or straight back into this port's receive path.
@@ -325,11 +329,15 @@ class NICCore(wiring.Component):
             ereg("CHILD_REPORT").eq(node.epoch.port[p].child_report),
         ]
 
-        # EVENTS: the sticky "this counter moved" bits.
+        # EVENTS: the sticky "this counter moved" bits, set a cycle after the event (what
+        # moved is registered next to the port: a W1C register's answer includes the bits
+        # being set).
         events_set = bank.hw_set(f"PORT{p}.EVENTS")
         for field, event in (("link_down", "link_downs"), ("crc_error", "crc_errors"),
                              ("malformed", "malformed"), ("abort", "aborts")):
-            m.d.comb += getattr(events_set, field).eq(status.events[event] != 0)
+            moved = Signal(name=f"{field}_seen{p}")
+            m.d.sync += moved.eq(status.events[event] != 0)
+            m.d.comb += getattr(events_set, field).eq(moved)
 
         m.d.comb += [
             self.link_up[p].eq(status.state == LinkState.UP),

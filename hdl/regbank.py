@@ -223,7 +223,8 @@ class RegisterBank(wiring.Component):
         refused = {BusStatus.READ_ONLY: Const(0), BusStatus.ILLEGAL_VALUE: Const(0)}
         echoed = Const(0)       # the write was taken as it is: it is the answer
         for selected, inst in zip(select, served):
-            read, refusal, echo = self._answer(m, inst, decoded & write_d & selected, wdata_d)
+            read, refusal, echo = self._answer(m, inst, decoded & write_d & selected, wdata_d,
+                                               taken, wdata)
             reads = reads | Mux(selected, read, 0)
             if refusal is not None:
                 status, value = refusal
@@ -243,23 +244,29 @@ class RegisterBank(wiring.Component):
         """The bits of W1C register ``inst`` that the hardware sets in this cycle."""
         return Value.cast(self.hw_set(inst.name)) & inst.register.mask
 
-    def _answer(self, m: Module, inst: RegisterInstance, write: Value, wdata: Value):
+    def _answer(self, m: Module, inst: RegisterInstance, write: Value, wdata: Value,
+                taken: Value, request_wdata: Value):
         """Applies a write to ``inst`` (``write``: it is selected and the request writes).
         Returns what the response carries if ``inst`` is selected (unless the write is echoed),
         ``(status, refused)`` for a register whose writes can be refused (else ``None``), and
-        whether a write to it is echoed (its answer is the written word)."""
+        whether a write to it is echoed (its answer is the written word). ``taken`` and
+        ``request_wdata`` are the request being decoded, the cycle before: a write's legality is
+        checked then."""
         reg = inst.register
         current = (Value.cast(self.regmap.reset(inst)) if reg.constant
                    else Value.cast(self.hw_port(inst.name)) & reg.mask)
         if reg.access is Access.RO:
             return current, (BusStatus.READ_ONLY, Const(1)), Const(0)
         if reg.access is Access.RW:
-            illegal = (wdata & (0xFFFF_FFFF & ~reg.mask)) != 0
+            # (checked as the request is decoded, beside the selection, and kept with
+            # `wdata`: the check's comparisons stay out of the answer's cycle)
+            illegal = (request_wdata & (0xFFFF_FFFF & ~reg.mask)) != 0
             for f in reg.fields:
                 if f.max is not None:
-                    illegal |= wdata[f.lsb:f.lsb + f.width] > f.max
+                    illegal |= request_wdata[f.lsb:f.lsb + f.width] > f.max
             illegal_bit = Signal(name=f"{inst.name.lower()}_illegal")
-            m.d.comb += illegal_bit.eq(illegal)
+            with m.If(taken):
+                m.d.sync += illegal_bit.eq(illegal)
             with m.If(write & ~illegal_bit):
                 m.d.sync += [Value.cast(self.hw_port(inst.name)).eq(wdata[:reg.width]),
                              self.hw_strobe(inst.name).eq(1)]
