@@ -367,8 +367,12 @@ def fpga_table(data: dict) -> str:
         pct = f" ({100 * p['cells_used'] / p['cells_total']:.0f} %)" if p["cells_used"] else ""
         fmax = f"{p['fmax_mhz']:.1f}" if p["fmax_mhz"] else "not placed"
         if "fmax_seeds" in p:
-            fmax += (f" (seeds 1-{len(p['fmax_seeds'])}: {p['fmax_min_mhz']:.1f} to "
-                     f"{p['fmax_max_mhz']:.1f}, mean {p['fmax_mean_mhz']:.1f})")
+            missing = [seed for seed, f in p["fmax_seeds"].items() if f is None]
+            spread = (f"{p['fmax_min_mhz']:.1f} to {p['fmax_max_mhz']:.1f}, mean {p['fmax_mean_mhz']:.1f}"
+                      if p["fmax_mean_mhz"] is not None else "none placed")
+            if missing:
+                spread += f"; no result for seed {', '.join(missing)}"
+            fmax += f" (seeds 1-{len(p['fmax_seeds'])}: {spread})"
         if "goal" in p:
             g = p["goal"]
             want = (f"<= {100 * g['cells_fraction']:.0f} % at >= {g['fmax_mhz']:g} MHz: "

@@ -28,6 +28,18 @@ def test_fpga_table_shows_seed_spread_and_goal_from_seed_one():
     assert "| 130.2 | 125 |" in rows[3] and rows[3].endswith(": met |")
 
 
+def test_fpga_table_names_the_seeds_without_a_result():
+    point = {"board": "ulx3s-85f", "core": "nic", "ports": 4, "cells_used": 18000,
+             "cells_total": 83640, "cells_type": "TRELLIS_COMB", "ram_used": 13, "ram_total": 208,
+             "fmax_mhz": 105.8, "target_mhz": 125, "fmax_seeds": {"1": 105.8, "2": 113.1, "3": None},
+             "fmax_min_mhz": 105.8, "fmax_max_mhz": 113.1, "fmax_mean_mhz": 109.46}
+    nothing = {**point, "fmax_mhz": None, "fmax_seeds": {"1": None, "2": None},
+               "fmax_min_mhz": None, "fmax_max_mhz": None, "fmax_mean_mhz": None}
+    rows = bench.fpga_table({"points": [point, nothing]}).splitlines()
+    assert "| 105.8 (seeds 1-3: 105.8 to 113.1, mean 109.5; no result for seed 3) | 125 |" in rows[2]
+    assert "| not placed (seeds 1-2: none placed; no result for seed 1, 2) | 125 |" in rows[3]
+
+
 def test_blocks_table_shows_every_seed_and_the_critical_path():
     path = {"from": "isolated.block.tx_buf.0.0", "to": "isolated.block.ser.staged",
             "delay_ns": 8.21, "logic_ns": 6.07, "route_ns": 2.14, "logic_levels": 1}
