@@ -277,14 +277,81 @@ FPGA_POINTS = (
 FPGA_SEEDS = 5
 
 
-def _place_seed(board: str, core: str, ports: int, seed_dir: Path, seed: int):
-    """Fmax (MHz) of one build with ``seed``, None if it was not placed."""
+#: A placement still running after this long is stopped and counts as not placed: nextpnr's
+#: router1 can stall on a 4-port ECP5 placement with its count of arcs left growing (docs/timing.md,
+#: "ECP5: routers"). A 4-port placement takes 8 to 20 minutes, two at a time beside other work.
+PLACE_TIME_LIMIT_S = 40 * 60
+
+
+def _descendants(pid: int) -> list[int]:
+    """Process ids of every process below ``pid`` (from /proc; empty where there is none)."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # (the command name, in parentheses, may hold spaces: the fields follow its ")")
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue                        # the process ended while the table was read
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], list(children.get(pid, ()))
+    while todo:
+        child = todo.pop()
+        found.append(child)
+        todo.extend(children.get(child, ()))
+    return found
+
+
+class TimeLimit:
+    """Stops the processes this process started if they run past ``seconds``.
+
+    Used around a build (``with TimeLimit(s) as limit: ...``): when the time is up, every
+    process below this one gets SIGKILL, so the build's tool call fails and the build returns
+    (this process itself goes on). ``limit.expired`` says whether that happened.
+    """
+
+    def __init__(self, seconds: float):
+        import threading
+
+        self.seconds = seconds
+        self.expired = False
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def _expire(self):
+        import os
+        import signal
+
+        self.expired = True
+        for pid in _descendants(os.getpid()):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def __enter__(self):
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._timer.cancel()
+        return False
+
+
+def _place_seed(board: str, core: str, ports: int, seed_dir: Path, seed: int,
+                time_limit: float = PLACE_TIME_LIMIT_S):
+    """Fmax (MHz) of one build with ``seed``, None if it was not placed (or was stopped after
+    ``time_limit`` seconds)."""
     from .boards.__main__ import BoardError, build
 
-    try:
-        build(board, ports=ports, core=core, build_dir=seed_dir, seed=seed)
-    except BoardError:
-        pass            # missed timing is still a measurement; no report: not placed
+    with TimeLimit(time_limit) as limit:
+        try:
+            build(board, ports=ports, core=core, build_dir=seed_dir, seed=seed)
+        except BoardError:
+            pass            # missed timing is still a measurement; no report: not placed
+    if limit.expired:
+        print(f"  {board} {core} {ports} port(s), seed {seed}: stopped after "
+              f"{time_limit / 60:g} min (not placed)", file=sys.stderr, flush=True)
+        return None
     report = seed_dir / "report.json"
     return json.loads(report.read_text()).get("fmax_mhz") if report.exists() else None
 
@@ -327,10 +394,13 @@ def bench_fpga(_cycles: int, seeds: int = FPGA_SEEDS) -> dict:
         report_path = build_dir / "report.json"
         started = time.perf_counter()
         error = None
-        try:
-            build(board, ports=ports, core=core, build_dir=build_dir)
-        except BoardError as exc:
-            error = str(exc).splitlines()[0]
+        with TimeLimit(PLACE_TIME_LIMIT_S) as limit:
+            try:
+                build(board, ports=ports, core=core, build_dir=build_dir)
+            except BoardError as exc:
+                error = str(exc).splitlines()[0]
+        if limit.expired:
+            error = f"stopped after {PLACE_TIME_LIMIT_S / 60:g} min"
         report = json.loads(report_path.read_text()) if report_path.exists() else {}
         point = {"board": board, "core": core, "ports": ports,
                  "cells_used": report.get("cells_used"), "cells_total": report.get("cells_total"),
@@ -399,12 +469,15 @@ def _place_block(job: tuple) -> dict:
 
     board, block, ports, seed = job
     build_dir = BENCH_DIR / "blocks" / f"{board}-{block}-{ports}" / f"seed{seed}"
-    try:
-        return build_block(board, block, ports=ports, seed=seed, build_dir=build_dir)
-    except BoardError as exc:
-        report = build_dir / "report.json"
-        return {**(json.loads(report.read_text()) if report.exists() else {}),
-                "error": str(exc).splitlines()[0]}
+    with TimeLimit(PLACE_TIME_LIMIT_S) as limit:
+        try:
+            return build_block(board, block, ports=ports, seed=seed, build_dir=build_dir)
+        except BoardError as exc:
+            error = str(exc).splitlines()[0]
+    if limit.expired:
+        return {"error": f"stopped after {PLACE_TIME_LIMIT_S / 60:g} min"}
+    report = build_dir / "report.json"
+    return {**(json.loads(report.read_text()) if report.exists() else {}), "error": error}
 
 
 def bench_blocks(_cycles: int, seeds: int = FPGA_SEEDS) -> dict:

@@ -56,3 +56,41 @@ def test_blocks_table_shows_every_seed_and_the_critical_path():
     assert rows[2].startswith("| ulx3s-85f | link (4) | 2,887 TRELLIS_COMB | 4 | 121.8 / 120.0 | 120.9 | 125 |")
     assert "`tx_buf.0.0` to `ser.staged`, 8.21 ns (2.14 route, LUT levels: 1)" in rows[2]
     assert "not placed (icebreaker: DOES NOT FIT)" in rows[3] and rows[3].endswith("| - |")
+
+
+def test_time_limit_stops_the_processes_started_below_it():
+    import subprocess
+    import time
+
+    started = time.monotonic()
+    with bench.TimeLimit(0.5) as limit:
+        # a grandchild (the shell's sleep) too, as a build script's tool is
+        result = subprocess.run(["sh", "-c", "sleep 30; true"])
+    assert limit.expired
+    assert result.returncode != 0
+    assert time.monotonic() - started < 10
+
+
+def test_time_limit_leaves_work_that_ends_in_time_alone():
+    import subprocess
+
+    with bench.TimeLimit(30) as limit:
+        result = subprocess.run(["sh", "-c", "exit 0"])
+    assert not limit.expired and result.returncode == 0
+
+
+def test_a_placement_past_the_time_limit_counts_as_not_placed(monkeypatch, tmp_path, capsys):
+    import subprocess
+
+    from epochlink.boards import __main__ as boards_cli
+
+    def stalled_build(board, *, build_dir, **_):
+        build_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            subprocess.run(["sleep", "30"], check=True)     # a router that does not finish
+        except subprocess.CalledProcessError as exc:
+            raise boards_cli.BoardError(f"{board}: BUILD FAILED ({exc.returncode})") from exc
+
+    monkeypatch.setattr(boards_cli, "build", stalled_build)
+    assert bench._place_seed("ulx3s-85f", "nic", 4, tmp_path / "seed5", 5, time_limit=0.5) is None
+    assert "seed 5: stopped after" in capsys.readouterr().err
