@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -310,17 +313,12 @@ class TimeLimit:
     """
 
     def __init__(self, seconds: float):
-        import threading
-
         self.seconds = seconds
         self.expired = False
         self._timer = threading.Timer(seconds, self._expire)
         self._timer.daemon = True
 
     def _expire(self):
-        import os
-        import signal
-
         self.expired = True
         for pid in _descendants(os.getpid()):
             try:
